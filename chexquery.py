@@ -1,4 +1,29 @@
-"""CheXQuery model (work in progress: constants first)."""
+"""
+CheXQuery: a query-based chest X-ray report generator, in one file.
+
+Data flows top to bottom, and so does this file:
+
+  image (B, 3, 384, 384)
+    -> SigLIP vision encoder (LoRA on q_proj, v_proj)   global (B, D), patches (B, 576, D)
+    -> 20 queries (14 condition + 6 anatomical)         (B, 20, D)
+       x 2 cross-attention layers over the patches      (B, 20, D)
+    -> gated fusion of global vs queries, query pooling  visual tokens (B, 11, D)
+    -> Flan-T5 decoder (LoRA on q, k, v, o)             "Findings: ... | Impression: ..."
+  and an auxiliary head on the 14 condition queries     CheXpert logits (B, 14)
+
+D is SigLIP's width (768 for base). The T5 encoder is never run: the 11 visual
+tokens take the place of its output, so it is deleted.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
 
 # The 14 CheXpert observations, in the CheXpert labeler's order. The condition
 # queries, the auxiliary head's logits and every label vector use this order.
@@ -9,3 +34,467 @@ CONDITIONS = (
 )
 # One anatomical query per region, in this order.
 REGIONS = ('cardiac', 'left lung', 'right lung', 'mediastinum', 'diaphragm', 'spine')
+
+# Backbone configs at the real sizes, for building them with random weights
+# (tests, bench) exactly as google/siglip-base-patch16-384 and google/flan-t5-base.
+SIGLIP_BASE_384 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, image_size=384, patch_size=16,
+                       hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6)
+FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
+                    num_decoder_layers=12, num_heads=12, feed_forward_proj='gated-gelu',
+                    dropout_rate=0.1, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+# A tiny model for the phantom demo and the tests: the same architecture, CPU-sized.
+TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=128, patch_size=16)
+TINY_TEXT = dict(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=2,
+                 num_decoder_layers=2, num_heads=4, feed_forward_proj='gated-gelu',
+                 dropout_rate=0.1, tie_word_embeddings=False,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+@dataclass
+class CheXQueryConfig:
+    # backbones: a hub name or local directory of pretrained weights, unless the
+    # matching *_config dict is given, which builds that backbone with random weights
+    vision_model: str = 'google/siglip-base-patch16-384'
+    text_model: str = 'google/flan-t5-base'
+    vision_config: dict = None
+    text_config: dict = None
+    image_size: int = 384
+    # queries and cross-attention
+    n_condition_queries: int = 14
+    n_anatomical_queries: int = 6
+    n_cross_layers: int = 2
+    n_heads: int = 8
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    # 'dmis-lab/biobert-v1.1' (any BERT-family name or directory), 'random',
+    # or a .safetensors file holding a (14, D) 'condition_queries' tensor
+    query_init: str = 'dmis-lab/biobert-v1.1'
+    # fusion, pooling, auxiliary head
+    n_pool_queries: int = 10
+    aux_hidden: int = 384
+    aux_dropout: float = 0.2
+    # LoRA
+    vision_lora_r: int = 8
+    vision_lora_alpha: float = 16
+    vision_lora_dropout: float = 0.05
+    vision_lora_targets: tuple = ('q_proj', 'v_proj')
+    text_lora_r: int = 16
+    text_lora_alpha: float = 32
+    text_lora_dropout: float = 0.05
+    text_lora_targets: tuple = ('q', 'k', 'v', 'o')
+
+    def __post_init__(self):
+        if self.n_condition_queries != len(CONDITIONS):
+            raise ValueError(f"n_condition_queries must be {len(CONDITIONS)} (one per CheXpert "
+                             f"condition), got {self.n_condition_queries}")
+        self.vision_lora_targets = tuple(self.vision_lora_targets)
+        self.text_lora_targets = tuple(self.text_lora_targets)
+
+    @property
+    def n_queries(self):
+        return self.n_condition_queries + self.n_anatomical_queries
+
+
+def _from_pretrained(cls, name, what, config_key):
+    """Loads a Hugging Face model, turning an offline failure into advice."""
+    try:
+        return cls.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"Could not load the {what} '{name}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"If you are offline or the hub is unreachable, download it where you have network "
+            f"(e.g. `hf download {name} --local-dir DIR`) and pass {config_key}=DIR, or give "
+            f"{config_key.replace('_model', '_config')} to build it with random weights.") from None
+
+
+# -----------------------------------------------------------------------------
+# 1. Vision encoder
+
+def build_vision_encoder(cfg):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    if cfg.vision_config is not None:
+        model = SiglipVisionModel(SiglipVisionConfig(**cfg.vision_config))
+    else:
+        model = _from_pretrained(SiglipVisionModel, cfg.vision_model, 'vision encoder', 'vision_model')
+    if model.config.image_size != cfg.image_size:
+        raise ValueError(f"image_size={cfg.image_size} but the vision encoder expects "
+                         f"{model.config.image_size} px")
+    # Module names have no .vision_model level here: encoder.layers.{i}.self_attn.q_proj
+    lora.inject_lora(model, cfg.vision_lora_targets, cfg.vision_lora_r,
+                     cfg.vision_lora_alpha, cfg.vision_lora_dropout)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 2. Queries: condition queries from a text model's view of the condition names
+
+def condition_query_init(name, dim, cache_dir=None):
+    """(14, dim) initial condition queries: the [CLS] embedding of each CheXpert
+    condition name under a BERT-family model (BioBERT by default).
+
+    Computed once and cached as safetensors, so training never needs the text
+    model again. When the text model's width W differs from dim, the vectors go
+    through a fixed Gaussian random projection (W -> dim, seed 0), which keeps
+    their pairwise geometry (Johnson-Lindenstrauss); that is deterministic on
+    any machine because the projection is drawn on the CPU generator.
+    """
+    from safetensors.torch import load_file, save_file
+    if name.endswith('.safetensors'):
+        vectors = load_file(name)['condition_queries']
+    else:
+        cache_dir = cache_dir or os.environ.get('CHEXQUERY_CACHE', os.path.expanduser('~/.cache/chexquery'))
+        cache = os.path.join(cache_dir, f"condition_queries-{name.strip('/').replace('/', '--')}.safetensors")
+        if os.path.exists(cache):
+            vectors = load_file(cache)['condition_queries']
+        else:
+            from transformers import AutoModel, AutoTokenizer
+            try:
+                tok, text_model = AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name)
+            except (OSError, ValueError) as e:
+                raise OSError(f"query_init: could not load the text model '{name}' to embed the "
+                              f"condition names ({str(e).splitlines()[0]}). Point query_init at a local "
+                              f"directory of it, at a cached .safetensors, or use query_init='random'.") from None
+            text_model.eval()
+            with torch.no_grad():
+                batch = tok(list(CONDITIONS), padding=True, return_tensors='pt')
+                vectors = text_model(**batch).last_hidden_state[:, 0].float().contiguous()  # (14, W)
+            os.makedirs(cache_dir, exist_ok=True)
+            save_file({'condition_queries': vectors}, cache + '.tmp')
+            os.replace(cache + '.tmp', cache)
+    if vectors.shape[0] != len(CONDITIONS):
+        raise ValueError(f"condition query init '{name}' has {vectors.shape[0]} rows, expected {len(CONDITIONS)}")
+    if vectors.shape[1] != dim:
+        g = torch.Generator().manual_seed(0)
+        vectors = vectors @ (torch.randn(vectors.shape[1], dim, generator=g) / math.sqrt(dim))
+    return vectors
+
+
+# -----------------------------------------------------------------------------
+# 3. Cross-attention of the queries over the patches
+
+class Attention(nn.Module):
+    """Multi-head attention of queries (B, Q, D) over keys/values (B, N, D)."""
+
+    def __init__(self, dim, n_heads, dropout):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"width {dim} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.dropout = dropout
+
+    def forward(self, x, context, return_attention=False):
+        B, Q, D = x.shape
+        N, H = context.shape[1], self.n_heads
+        q = self.q(x).view(B, Q, H, D // H).transpose(1, 2)        # (B, H, Q, D/H)
+        k = self.k(context).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
+        v = self.v(context).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
+        p = self.dropout if self.training else 0.0
+        if return_attention:  # the explicit path, only to show the maps
+            weights = (q @ k.transpose(-2, -1) / math.sqrt(D // H)).softmax(-1)  # (B, H, Q, N)
+            out = F.dropout(weights, p) @ v
+        else:
+            weights, out = None, F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = self.o(out.transpose(1, 2).reshape(B, Q, D))          # (B, Q, D)
+        return out, weights
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries attend over the patches, then an FFN; post-norm residuals."""
+
+    def __init__(self, dim, n_heads, ffn_dim, dropout):
+        super().__init__()
+        self.attn = Attention(dim, n_heads, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, queries, patches, return_attention=False):
+        a, weights = self.attn(queries, patches, return_attention)
+        x = self.norm1(queries + self.drop(a))           # (B, 20, D)
+        x = self.norm2(x + self.drop(self.ffn(x)))       # (B, 20, D)
+        return x, weights
+
+
+# -----------------------------------------------------------------------------
+# 4. Gated fusion and query pooling
+
+class GatedFusion(nn.Module):
+    """Weighs the global token against the queries, pools 20 queries to 10 and
+    returns the 11 visual tokens [gate·global; pool((1-gate)·queries)]."""
+
+    def __init__(self, dim, n_pool, n_heads, dropout):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        self.pool_queries = nn.Parameter(torch.empty(n_pool, dim))
+        nn.init.xavier_uniform_(self.pool_queries)
+        self.pool = Attention(dim, n_heads, dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, global_token, queries):
+        B = queries.shape[0]
+        gate = torch.sigmoid(self.gate(torch.cat([global_token, queries.mean(1)], -1)))  # (B, 1)
+        global_gated = gate[:, :, None] * global_token[:, None]                          # (B, 1, D)
+        queries_weighted = (1 - gate)[:, :, None] * queries                              # (B, 20, D)
+        pool_q = self.pool_queries.expand(B, -1, -1)                                     # (B, 10, D)
+        pooled, _ = self.pool(pool_q, queries_weighted)
+        pooled = self.norm(pool_q + pooled)                                              # (B, 10, D)
+        return torch.cat([global_gated, pooled], 1), gate                                # (B, 11, D)
+
+
+# -----------------------------------------------------------------------------
+# 5. Auxiliary head
+
+class AuxHead(nn.Module):
+    """One MLP shared by the 14 condition queries: one CheXpert logit each."""
+
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, condition_queries):            # (B, 14, D)
+        return self.mlp(condition_queries).squeeze(-1)  # (B, 14)
+
+
+# -----------------------------------------------------------------------------
+# 6. The decoder
+
+def build_decoder(cfg):
+    from transformers import T5Config, T5ForConditionalGeneration
+    if cfg.text_config is not None:
+        t5 = T5ForConditionalGeneration(T5Config(**cfg.text_config))
+        # A T5 built from a config always shares lm_head with the embedding. Flan-T5
+        # is untied, so give lm_head its own weight, scaled so first logits are O(1).
+        t5.lm_head.weight = nn.Parameter(torch.randn_like(t5.shared.weight) * t5.config.d_model ** -0.5)
+    else:
+        # from_pretrained keeps Flan-T5's separate lm_head (it sees both tensors in the file)
+        t5 = _from_pretrained(T5ForConditionalGeneration, cfg.text_model, 'decoder', 'text_model')
+    # The visual tokens replace the encoder's output, so the encoder is never run.
+    del t5.encoder
+    lora.inject_lora(t5.decoder, cfg.text_lora_targets, cfg.text_lora_r,
+                     cfg.text_lora_alpha, cfg.text_lora_dropout)
+    return t5
+
+
+# -----------------------------------------------------------------------------
+# The whole model
+
+class CheXQuery(nn.Module):
+
+    def __init__(self, cfg: CheXQueryConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = build_vision_encoder(cfg)
+        D = self.vision.config.hidden_size
+        A = cfg.n_anatomical_queries
+        if cfg.query_init == 'random':
+            cond = nn.init.xavier_uniform_(torch.empty(len(CONDITIONS), D))
+        else:
+            cond = condition_query_init(cfg.query_init, D)
+            # put them on the anatomical queries' Xavier scale; the directions carry the meaning
+            cond = cond / cond.pow(2).mean().sqrt() * math.sqrt(2 / (A + D))
+        self.condition_queries = nn.Parameter(cond)                                  # (14, D)
+        self.anatomical_queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(A, D)))  # (6, D)
+        self.cross_attention = nn.ModuleList(
+            CrossAttentionLayer(D, cfg.n_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.n_cross_layers))
+        self.fusion = GatedFusion(D, cfg.n_pool_queries, cfg.n_heads, cfg.dropout)
+        self.aux_head = AuxHead(D, cfg.aux_hidden, cfg.aux_dropout)
+        self.t5 = build_decoder(cfg)
+        d_model = self.t5.config.d_model
+        self.proj = nn.Identity() if d_model == D else nn.Linear(D, d_model)
+        self.phase = None
+        self.set_phase(1)
+
+    # --- phases ---------------------------------------------------------------
+    def trainable(self, name, phase, aux=True):
+        """Whether parameter `name` trains in `phase` (the methodology's tables).
+        aux=False freezes the auxiliary head, which gets no gradient without the
+        aux loss; phase 3 has none."""
+        is_lora = 'lora_' in name
+        if name.startswith('vision.'):
+            return is_lora and phase == 2
+        if name.startswith('t5.'):
+            return is_lora and phase in (2, 3)
+        if name.startswith('aux_head.'):
+            return aux and phase != 3
+        return True  # queries, cross-attention, fusion, projection
+
+    def set_phase(self, phase, aux=True):
+        """Sets requires_grad for a training phase (1, 2 or 3); frozen modules go to eval."""
+        if phase not in (1, 2, 3):
+            raise ValueError(f"phase must be 1, 2 or 3, got {phase!r}")
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.trainable(name, phase, aux))
+        self.phase = phase
+        self.train(self.training)
+        return self
+
+    def train(self, mode=True):
+        super().train(mode)
+        # Frozen modules stay in eval mode (no dropout) while the rest trains.
+        for module in self.children():
+            params = list(module.parameters())
+            if mode and params and not any(p.requires_grad for p in params):
+                module.eval()
+        return self
+
+    # --- the forward pass -------------------------------------------------------
+    def check_images(self, images):
+        S = self.cfg.image_size
+        if not (torch.is_tensor(images) and images.dim() == 4 and tuple(images.shape[1:]) == (3, S, S)):
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a float tensor of shape (B, 3, {S}, {S}), got {got}")
+
+    def vision_features(self, images):
+        """(global (B, D), patches (B, N, D)). Runs under no_grad when SigLIP is
+        frozen, so none of its activations are kept."""
+        self.check_images(images)
+        trains = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+            out = self.vision(pixel_values=images)
+        # SigLIP has no CLS token: its global token is the attention-pooling head's output.
+        return out.pooler_output, out.last_hidden_state          # (B, D), (B, 576, D)
+
+    def encode(self, images=None, features=None, return_attention=False):
+        """Images (or cached vision features) -> visual tokens (B, 11, d_model),
+        condition logits (B, 14), gate (B, 1) and, when asked, the last layer's
+        attention maps (B, 20, N) averaged over heads."""
+        global_token, patches = features if features is not None else self.vision_features(images)
+        B = patches.shape[0]
+        queries = torch.cat([self.condition_queries, self.anatomical_queries])[None].expand(B, -1, -1)  # (B, 20, D)
+        queries = queries.to(patches.dtype)
+        attention = None
+        for layer in self.cross_attention:
+            queries, attention = layer(queries, patches, return_attention)   # (B, 20, D)
+        cond_logits = self.aux_head(queries[:, :len(CONDITIONS)])            # (B, 14)
+        visual_tokens, gate = self.fusion(global_token, queries)             # (B, 11, D), (B, 1)
+        out = dict(visual_tokens=self.proj(visual_tokens), cond_logits=cond_logits, gate=gate)
+        if return_attention:
+            out['attention'] = attention.mean(1)                             # (B, 20, N)
+        return out
+
+    def forward(self, images=None, decoder_input_ids=None, labels=None, cond_labels=None,
+                label_smoothing=0.0, return_attention=False, features=None):
+        out = self.encode(images, features, return_attention)
+        if decoder_input_ids is not None:
+            from transformers.modeling_outputs import BaseModelOutput
+            dec = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=out['visual_tokens']),
+                          decoder_input_ids=decoder_input_ids, use_cache=False)
+            out['logits'] = dec.logits                                           # (B, T, V)
+            if labels is not None:
+                # computed here: T5's own forward ignores label smoothing
+                out['loss_gen'] = F.cross_entropy(dec.logits.float().flatten(0, 1), labels.flatten(),
+                                                  ignore_index=-100, label_smoothing=label_smoothing)
+        if cond_labels is not None:
+            out['loss_aux'] = F.binary_cross_entropy_with_logits(out['cond_logits'].float(), cond_labels.float())
+        return out
+
+    @torch.no_grad()
+    def generate(self, images, prompt_ids, num_beams=4, no_repeat_ngram_size=3, length_penalty=1.0,
+                 early_stopping=True, min_length=20, max_length=512, features=None, **kwargs):
+        """Token ids (B, T) starting with prompt_ids ((P,) or (B, P), decoder start token first)."""
+        from transformers.modeling_outputs import BaseModelOutput
+        visual_tokens = self.encode(images, features)['visual_tokens']
+        B = visual_tokens.shape[0]
+        prompt_ids = torch.as_tensor(prompt_ids, device=visual_tokens.device)
+        if prompt_ids.dim() == 1:
+            prompt_ids = prompt_ids[None].expand(B, -1)
+        # a fresh BaseModelOutput on every call: generate expands it in place for beams
+        return self.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual_tokens),
+                                decoder_input_ids=prompt_ids, num_beams=num_beams,
+                                no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
+                                early_stopping=early_stopping, min_length=min_length,
+                                max_length=max_length, **kwargs)
+
+    # --- reporting and checkpoints ---------------------------------------------
+    COMPONENTS = (('vision encoder (SigLIP)', 'vision.', False), ('  vision LoRA', 'vision.', True),
+                  ('condition queries', 'condition_queries', None), ('anatomical queries', 'anatomical_queries', None),
+                  ('cross-attention', 'cross_attention.', None), ('gated fusion + pooling', 'fusion.', None),
+                  ('projection', 'proj.', None), ('auxiliary head', 'aux_head.', None),
+                  ('decoder (T5)', 't5.', False), ('  decoder LoRA', 't5.', True))
+
+    def param_report(self):
+        """Total and trainable parameters per component and phase, as a table."""
+        rows = []
+        for label, prefix, want_lora in self.COMPONENTS:
+            ps = [(n, p.numel()) for n, p in self.named_parameters()
+                  if n.startswith(prefix) and (want_lora is None or ('lora_' in n) == want_lora)]
+            rows.append([label, sum(k for _, k in ps)] +
+                        [sum(k for n, k in ps if self.trainable(n, ph)) for ph in (1, 2, 3)])
+        rows.append(['total'] + [sum(r[i] for r in rows) for i in range(1, 5)])
+        lines = [f"{'component':<26}{'params':>14}{'phase 1':>13}{'phase 2':>13}{'phase 3':>13}"]
+        lines += [f"{r[0]:<26}" + ''.join(f"{v:>14,}" if i == 0 else f"{v:>13,}" for i, v in enumerate(r[1:]))
+                  for r in rows]
+        return '\n'.join(lines)
+
+    def pretrained_prefixes(self):
+        """Prefixes of weights reloaded from their pretrained source, not saved."""
+        return tuple(p for p, given in (('vision.', self.cfg.vision_config), ('t5.', self.cfg.text_config))
+                     if given is None)
+
+    def checkpoint_state_dict(self):
+        """Everything trained or randomly initialized; frozen pretrained weights are left out."""
+        skip = self.pretrained_prefixes()
+        return {k: v for k, v in self.state_dict().items() if 'lora_' in k or not k.startswith(skip)}
+
+
+def load_weights(model, state, source):
+    """Loads a checkpoint_state_dict, listing every mismatched key."""
+    own = model.checkpoint_state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match this architecture:\n"
+                         f"  missing ({len(missing)}): {missing[:10]}\n"
+                         f"  unexpected ({len(unexpected)}): {unexpected[:10]}\n"
+                         f"  shape mismatches ({len(shapes)}): {shapes[:10]}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_checkpoint(out_dir, model, meta, extra_tensors=None):
+    """Writes ckpt.safetensors (weights, plus e.g. optimizer tensors under their own
+    prefix) and ckpt.json (model config and meta), each atomically: temp file, then rename."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
+    tensors.update(extra_tensors or {})
+    path = os.path.join(out_dir, 'ckpt')
+    save_file(tensors, path + '.safetensors.tmp')
+    with open(path + '.json.tmp', 'w') as f:
+        json.dump(dict(meta, model_config=asdict(model.cfg)), f, indent=1)
+    # the JSON goes last: a checkpoint is complete when its JSON names its weights
+    os.replace(path + '.safetensors.tmp', path + '.safetensors')
+    os.replace(path + '.json.tmp', path + '.json')
+
+
+def read_checkpoint(path):
+    """(tensors, meta) from a checkpoint directory or its ckpt.json/.safetensors path."""
+    from safetensors.torch import load_file
+    base = os.path.join(path, 'ckpt') if os.path.isdir(path) else os.path.splitext(path)[0]
+    for ext in ('.json', '.safetensors'):
+        if not os.path.exists(base + ext):
+            raise FileNotFoundError(f"no checkpoint at {path}: {base + ext} is missing")
+    with open(base + '.json') as f:
+        meta = json.load(f)
+    return load_file(base + '.safetensors'), meta
+
+
+def load_checkpoint(path, device='cpu'):
+    """(model, meta) from a checkpoint; pretrained backbones are reloaded from their source."""
+    tensors, meta = read_checkpoint(path)
+    cfg = CheXQueryConfig(**dict(meta['model_config'], query_init='random'))  # queries come from the file
+    model = CheXQuery(cfg)
+    load_weights(model, {k: v for k, v in tensors.items() if '/' not in k}, path)
+    return model.to(device).eval(), meta
+
+
+def tiny_config(vocab_size=512, image_size=128, **overrides):
+    """The CPU-sized model of the phantom demo and the tests, random weights throughout."""
+    return CheXQueryConfig(vision_config=dict(TINY_VISION, image_size=image_size),
+                           text_config=dict(TINY_TEXT, vocab_size=vocab_size), image_size=image_size,
+                           n_heads=4, ffn_dim=256, aux_hidden=64, query_init='random', **overrides)
