@@ -438,8 +438,14 @@ class CheXQuery(nn.Module):
 
     def checkpoint_state_dict(self):
         """Everything trained or randomly initialized; frozen pretrained weights are left out."""
-        skip = self.pretrained_prefixes()
-        return {k: v for k, v in self.state_dict().items() if 'lora_' in k or not k.startswith(skip)}
+        skip, seen, out = self.pretrained_prefixes(), set(), {}
+        for k, v in self.state_dict().items():
+            if v.data_ptr() in seen:  # a tied alias (t5.decoder.embed_tokens is t5.shared): save once
+                continue
+            seen.add(v.data_ptr())
+            if 'lora_' in k or not k.startswith(skip):
+                out[k] = v
+        return out
 
 
 def load_weights(model, state, source):
@@ -475,7 +481,8 @@ def save_checkpoint(out_dir, model, meta, extra_tensors=None):
 def read_checkpoint(path):
     """(tensors, meta) from a checkpoint directory or its ckpt.json/.safetensors path."""
     from safetensors.torch import load_file
-    base = os.path.join(path, 'ckpt') if os.path.isdir(path) else os.path.splitext(path)[0]
+    path = str(path)
+    base = os.path.splitext(path)[0] if path.endswith(('.json', '.safetensors')) else os.path.join(path, 'ckpt')
     for ext in ('.json', '.safetensors'):
         if not os.path.exists(base + ext):
             raise FileNotFoundError(f"no checkpoint at {path}: {base + ext} is missing")
@@ -495,6 +502,7 @@ def load_checkpoint(path, device='cpu'):
 
 def tiny_config(vocab_size=512, image_size=128, **overrides):
     """The CPU-sized model of the phantom demo and the tests, random weights throughout."""
-    return CheXQueryConfig(vision_config=dict(TINY_VISION, image_size=image_size),
-                           text_config=dict(TINY_TEXT, vocab_size=vocab_size), image_size=image_size,
-                           n_heads=4, ffn_dim=256, aux_hidden=64, query_init='random', **overrides)
+    kw = dict(vision_config=dict(TINY_VISION, image_size=image_size),
+              text_config=dict(TINY_TEXT, vocab_size=vocab_size), image_size=image_size,
+              n_heads=4, ffn_dim=256, aux_hidden=64, query_init='random')
+    return CheXQueryConfig(**dict(kw, **overrides))

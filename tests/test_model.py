@@ -1,0 +1,243 @@
+import os
+
+import pytest
+import torch
+
+from chexquery import (CONDITIONS, FLAN_T5_BASE, SIGLIP_BASE_384, TINY_TEXT, TINY_VISION, CheXQuery,
+                       CheXQueryConfig, load_checkpoint, load_weights, save_checkpoint, tiny_config)
+
+os.environ['HF_HUB_OFFLINE'] = '1'
+S, V = 64, 64  # tiny image size and vocabulary
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return CheXQuery(tiny_config(vocab_size=V, image_size=S, **kw))
+
+
+def batch(B=2, T=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, S, S, generator=g)
+    tokens = torch.randint(3, V, (B, T), generator=g)
+    decoder_input_ids = torch.cat([torch.zeros(B, 1, dtype=torch.long), tokens[:, :-1]], 1)
+    labels = tokens.clone()
+    labels[:, :2] = -100  # a prompt
+    cond = torch.randint(0, 2, (B, 14), generator=g).float()
+    return images, decoder_input_ids, labels, cond
+
+
+def test_shapes_of_every_stage():
+    m = tiny().eval()
+    images, dec, labels, cond = batch()
+    g, patches = m.vision_features(images)
+    D = m.vision.config.hidden_size
+    assert g.shape == (2, D) and patches.shape == (2, (S // 16) ** 2, D)
+    out = m(images, dec, labels, cond, return_attention=True)
+    assert out['visual_tokens'].shape == (2, 11, m.t5.config.d_model)
+    assert out['cond_logits'].shape == (2, 14)
+    assert out['gate'].shape == (2, 1) and ((out['gate'] > 0) & (out['gate'] < 1)).all()
+    assert out['attention'].shape == (2, 20, (S // 16) ** 2)
+    torch.testing.assert_close(out['attention'].sum(-1), torch.ones(2, 20))
+    assert out['logits'].shape == (2, 10, V)
+    assert out['loss_gen'].ndim == 0 and out['loss_aux'].ndim == 0
+
+
+def test_attention_path_equals_sdpa_path():
+    m = tiny().eval()
+    images = batch()[0]
+    a = m.encode(images, return_attention=True)
+    b = m.encode(images)
+    torch.testing.assert_close(a['visual_tokens'], b['visual_tokens'], atol=1e-5, rtol=1e-5)
+
+
+def test_real_sizes_of_the_dimension_table():
+    torch.manual_seed(0)
+    m = CheXQuery(CheXQueryConfig(vision_config=SIGLIP_BASE_384, text_config=FLAN_T5_BASE, query_init='random'))
+    m.eval()
+    assert not hasattr(m.t5, 'encoder')  # the T5 encoder is removed, not merely unused
+    assert m.t5.lm_head.weight is not m.t5.shared.weight
+    with torch.no_grad():
+        g, patches = m.vision_features(torch.randn(1, 3, 384, 384))
+        assert g.shape == (1, 768) and patches.shape == (1, 576, 768)
+        out = m.encode(features=(g, patches), return_attention=True)
+    assert out['attention'].shape == (1, 20, 576)
+    assert out['visual_tokens'].shape == (1, 11, 768) and out['cond_logits'].shape == (1, 14)
+    report = m.param_report()
+    print(report)
+    vision = sum(p.numel() for n, p in m.named_parameters() if n.startswith('vision.') and 'lora_' not in n)
+    assert 92e6 < vision < 94e6                      # SigLIP-base vision tower
+    lora_v = sum(p.numel() for n, p in m.named_parameters() if n.startswith('vision.') and 'lora_' in n)
+    assert lora_v == 12 * 2 * 8 * (768 + 768)         # 12 layers x (q, v) x r(in + out)
+    lora_t = sum(p.numel() for n, p in m.named_parameters() if n.startswith('t5.') and 'lora_' in n)
+    assert lora_t == 12 * 2 * 4 * 16 * (768 + 768)    # 12 blocks x (self, cross) x (q, k, v, o)
+    assert 'total' in report and f"{lora_v + lora_t:,}" not in report.splitlines()[1]
+
+
+def expected_trainable(name, phase):
+    if name.startswith('vision.'):
+        return 'lora_' in name and phase == 2
+    if name.startswith('t5.'):
+        return 'lora_' in name and phase >= 2
+    if name.startswith('aux_head.'):
+        return phase != 3
+    return name.split('.')[0] in ('condition_queries', 'anatomical_queries', 'cross_attention', 'fusion', 'proj')
+
+
+@pytest.mark.parametrize('phase', [1, 2, 3])
+def test_phase_trainable_set_and_every_trainable_param_gets_a_gradient(phase):
+    m = tiny().set_phase(phase).train()
+    for n, p in m.named_parameters():
+        assert p.requires_grad == expected_trainable(n, phase), n
+    images, dec, labels, cond = batch()
+    out = m(images, dec, labels, cond)
+    loss = out['loss_gen'] + (0.5 * out['loss_aux'] if phase != 3 else 0)
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+               and not n.endswith('lora_A')]  # A's gradient is exactly 0 while B is still 0
+    assert missing == []
+    assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
+    # frozen modules stay in eval mode while the rest trains
+    assert m.vision.training == (phase == 2)
+    assert m.t5.training == (phase != 1)
+    assert m.cross_attention.training and m.aux_head.training == (phase != 3)
+
+
+def test_frozen_vision_runs_without_autograd():
+    m = tiny().set_phase(1).train()
+    g, patches = m.vision_features(batch()[0])
+    assert not patches.requires_grad and not g.requires_grad
+    m.set_phase(2)
+    assert m.vision_features(batch()[0])[1].requires_grad
+
+
+def test_lora_changes_nothing_at_init_in_phase_2():
+    m = tiny().eval()
+    images, dec, labels, cond = batch()
+    a = m(images, dec, labels, cond)['logits']
+    m.set_phase(2).eval()
+    torch.testing.assert_close(m(images, dec, labels, cond)['logits'], a)
+
+
+def test_label_smoothing_is_applied():
+    m = tiny().eval()
+    images, dec, labels, cond = batch()
+    out = m(images, dec, labels, cond, label_smoothing=0.1)
+    logits = out['logits'].flatten(0, 1)[labels.flatten() != -100]
+    target = labels.flatten()[labels.flatten() != -100]
+    logp = logits.log_softmax(-1)
+    manual = -(0.9 * logp.gather(1, target[:, None]).squeeze(1) + 0.1 * logp.mean(-1)).mean()
+    torch.testing.assert_close(out['loss_gen'], manual)
+    assert not torch.isclose(out['loss_gen'], m(images, dec, labels, cond)['loss_gen'])
+
+
+def test_overfitting_two_examples_lowers_the_loss():
+    m = tiny(dropout=0.0).set_phase(2).train()
+    images, dec, labels, cond = batch()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = m(images, dec, labels, cond)
+        loss = out['loss_gen'] + out['loss_aux']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_generate_keeps_prompt_and_respects_length_and_beams():
+    m = tiny().eval()
+    images = batch()[0]
+    prompt = [0, 7, 9]
+    ids = m.generate(images, prompt, num_beams=3, min_length=12, max_length=16)
+    assert ids.shape[0] == 2 and 12 <= ids.shape[1] <= 16
+    assert (ids[:, :3] == torch.tensor(prompt)).all()
+    # no EOS (1) before min_length
+    assert not (ids[:, :11] == 1).any()
+    ids2 = m.generate(images, prompt, num_beams=3, min_length=12, max_length=16)  # fresh encoder outputs each call
+    assert torch.equal(ids, ids2)
+    beams = m.generate(images, prompt, num_beams=3, num_return_sequences=3, min_length=5, max_length=8)
+    assert beams.shape[0] == 6 and beams.shape[1] <= 8
+
+
+def test_bad_images_name_the_expected_shape():
+    m = tiny()
+    for bad in (torch.randn(2, 1, S, S), torch.randn(2, 3, S + 1, S), torch.randn(3, S, S)):
+        with pytest.raises(ValueError, match=rf"\(B, 3, {S}, {S}\)"):
+            m(bad)
+
+
+def test_unloadable_hub_name_says_how_to_fix():
+    with pytest.raises(OSError, match='text_model=DIR'):
+        CheXQuery(CheXQueryConfig(vision_config=dict(TINY_VISION, image_size=S), image_size=S,
+                                  text_model='no-such-org/no-such-model', query_init='random',
+                                  n_heads=4, ffn_dim=64))
+
+
+def test_pretrained_backbones_from_local_dirs_keep_lm_head_untied(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel, T5Config, T5ForConditionalGeneration
+    torch.manual_seed(1)
+    SiglipVisionModel(SiglipVisionConfig(**dict(TINY_VISION, image_size=S))).save_pretrained(tmp_path / 'v')
+    t5 = T5ForConditionalGeneration(T5Config(**dict(TINY_TEXT, vocab_size=V)))
+    t5.lm_head.weight = torch.nn.Parameter(torch.randn(V, t5.config.d_model))  # untied, as in Flan-T5
+    t5.save_pretrained(tmp_path / 't')
+    m = CheXQuery(CheXQueryConfig(vision_model=str(tmp_path / 'v'), text_model=str(tmp_path / 't'),
+                                  image_size=S, query_init='random', n_heads=4, ffn_dim=64))
+    assert m.t5.lm_head.weight is not m.t5.shared.weight
+    torch.testing.assert_close(m.t5.lm_head.weight, t5.lm_head.weight)
+    torch.testing.assert_close(m.t5.shared.weight, t5.shared.weight)
+    # checkpoints leave the frozen pretrained weights out, but keep LoRA and new modules
+    keys = m.checkpoint_state_dict().keys()
+    assert any('lora_' in k and k.startswith('vision.') for k in keys)
+    assert not any(k.startswith(('vision.', 't5.')) and 'lora_' not in k for k in keys)
+    assert 'condition_queries' in keys
+
+
+def tiny_bert(path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    path.mkdir()
+    words = sorted({w for c in CONDITIONS for w in c.lower().split()})
+    (path / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words))
+    BertTokenizerFast(vocab_file=str(path / 'vocab.txt')).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+
+
+def test_condition_queries_from_a_bert_model_are_cached(tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setenv('CHEXQUERY_CACHE', str(tmp_path / 'cache'))
+    tiny_bert(tmp_path / 'bert')
+    a = tiny(query_init=str(tmp_path / 'bert')).condition_queries.detach().clone()
+    assert len(list((tmp_path / 'cache').glob('*.safetensors'))) == 1
+    shutil.rmtree(tmp_path / 'bert')  # the text model is never needed again
+    b = tiny(query_init=str(tmp_path / 'bert')).condition_queries.detach()
+    torch.testing.assert_close(a, b)
+    # the documented mapping: [CLS] vectors, width 32 -> D = 128 by the seed-0 Gaussian projection,
+    # rescaled to the anatomical queries' Xavier scale
+    from safetensors.torch import load_file
+    cls = load_file(next((tmp_path / 'cache').glob('*.safetensors')))['condition_queries']
+    assert cls.shape == (14, 32)
+    proj = cls @ (torch.randn(32, 128, generator=torch.Generator().manual_seed(0)) / 128 ** 0.5)
+    expected = proj / proj.pow(2).mean().sqrt() * (2 / (6 + 128)) ** 0.5
+    torch.testing.assert_close(a, expected)
+    with pytest.raises(OSError, match="query_init='random'"):
+        tiny(query_init=str(tmp_path / 'no-such-bert'))
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    m = tiny().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_checkpoint(tmp_path, m, dict(iter_num=3))
+    m2, meta = load_checkpoint(tmp_path)
+    assert meta['iter_num'] == 3 and meta['model_config']['image_size'] == S
+    images, dec, labels, cond = batch()
+    torch.testing.assert_close(m2(images, dec)['logits'], m(images, dec)['logits'])
+    other = CheXQuery(tiny_config(vocab_size=V, image_size=S, n_pool_queries=4))
+    from safetensors.torch import load_file
+    with pytest.raises(ValueError, match='fusion.pool_queries'):
+        load_weights(other, load_file(tmp_path / 'ckpt.safetensors'), 'ckpt')
+    with pytest.raises(FileNotFoundError, match='ckpt.json'):
+        load_checkpoint(tmp_path / 'nowhere')
