@@ -462,33 +462,41 @@ def load_weights(model, state, source):
     model.load_state_dict(state, strict=False)
 
 
-def save_checkpoint(out_dir, model, meta, extra_tensors=None):
-    """Writes ckpt.safetensors (weights, plus e.g. optimizer tensors under their own
-    prefix) and ckpt.json (model config and meta), each atomically: temp file, then rename."""
+def save_checkpoint(path, model, meta, extra_tensors=None):
+    """Writes one .safetensors file: the model's checkpoint_state_dict, any extra
+    tensors (optimizer state, RNG) under their own 'name/...' keys, and the meta
+    (run config, iteration, best metric, phase, model config) as JSON in its header.
+    One file renamed into place is atomic, so a kill during a save leaves the
+    previous checkpoint intact. A .json copy of the meta is written beside it for people."""
     from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
     tensors.update(extra_tensors or {})
-    path = os.path.join(out_dir, 'ckpt')
-    save_file(tensors, path + '.safetensors.tmp')
-    with open(path + '.json.tmp', 'w') as f:
-        json.dump(dict(meta, model_config=asdict(model.cfg)), f, indent=1)
-    # the JSON goes last: a checkpoint is complete when its JSON names its weights
-    os.replace(path + '.safetensors.tmp', path + '.safetensors')
-    os.replace(path + '.json.tmp', path + '.json')
+    meta = dict(meta, model_config=asdict(model.cfg))
+    save_file(tensors, path + '.tmp', metadata={'chexquery': json.dumps(meta)})
+    os.replace(path + '.tmp', path)
+    json_path = os.path.splitext(path)[0] + '.json'
+    with open(json_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(json_path + '.tmp', json_path)
 
 
 def read_checkpoint(path):
-    """(tensors, meta) from a checkpoint directory or its ckpt.json/.safetensors path."""
-    from safetensors.torch import load_file
+    """(tensors, meta) from a .safetensors checkpoint, or a directory holding ckpt.safetensors."""
+    from safetensors import safe_open
     path = str(path)
-    base = os.path.splitext(path)[0] if path.endswith(('.json', '.safetensors')) else os.path.join(path, 'ckpt')
-    for ext in ('.json', '.safetensors'):
-        if not os.path.exists(base + ext):
-            raise FileNotFoundError(f"no checkpoint at {path}: {base + ext} is missing")
-    with open(base + '.json') as f:
-        meta = json.load(f)
-    return load_file(base + '.safetensors'), meta
+    if not path.endswith('.safetensors'):
+        path = os.path.join(path, 'ckpt.safetensors')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint: {path} does not exist")
+    try:
+        with safe_open(path, 'pt') as f:
+            meta = json.loads((f.metadata() or {})['chexquery'])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"{path} is not a CheXQuery checkpoint ({type(e).__name__}: {e})") from None
+    return tensors, meta
 
 
 def load_checkpoint(path, device='cpu'):

@@ -230,7 +230,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    save_checkpoint(tmp_path, m, dict(iter_num=3))
+    save_checkpoint(tmp_path / 'ckpt.safetensors', m, dict(iter_num=3))
     m2, meta = load_checkpoint(tmp_path)
     assert meta['iter_num'] == 3 and meta['model_config']['image_size'] == S
     images, dec, labels, cond = batch()
@@ -239,5 +239,23 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     from safetensors.torch import load_file
     with pytest.raises(ValueError, match='fusion.pool_queries'):
         load_weights(other, load_file(tmp_path / 'ckpt.safetensors'), 'ckpt')
-    with pytest.raises(FileNotFoundError, match='ckpt.json'):
+    with pytest.raises(FileNotFoundError, match='ckpt.safetensors'):
         load_checkpoint(tmp_path / 'nowhere')
+    (tmp_path / 'bad.safetensors').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='bad.safetensors'):
+        load_checkpoint(tmp_path / 'bad.safetensors')
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    import safetensors.torch
+    m = tiny()
+    path = tmp_path / 'ckpt.safetensors'
+    save_checkpoint(path, m, dict(iter_num=1))
+
+    def killed(tensors, filename, metadata=None):  # dies half-way through writing the file
+        open(filename, 'wb').write(b'partial')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, 'save_file', killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, m, dict(iter_num=2))
+    assert load_checkpoint(path)[1]['iter_num'] == 1
