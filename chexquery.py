@@ -310,25 +310,27 @@ class CheXQuery(nn.Module):
         self.set_phase(1)
 
     # --- phases ---------------------------------------------------------------
-    def trainable(self, name, phase, aux=True):
+    def trainable(self, name, phase, aux=True, full_backbones=False):
         """Whether parameter `name` trains in `phase` (the methodology's tables).
         aux=False freezes the auxiliary head, which gets no gradient without the
-        aux loss; phase 3 has none."""
-        is_lora = 'lora_' in name
+        aux loss; phase 3 has none. full_backbones=True trains every backbone
+        weight wherever its LoRA would train: for backbones with random weights
+        (the phantom demo), which have nothing pretrained to keep."""
+        adapted = 'lora_' in name or full_backbones
         if name.startswith('vision.'):
-            return is_lora and phase == 2
+            return adapted and phase == 2
         if name.startswith('t5.'):
-            return is_lora and phase in (2, 3)
+            return adapted and phase in (2, 3)
         if name.startswith('aux_head.'):
             return aux and phase != 3
         return True  # queries, cross-attention, fusion, projection
 
-    def set_phase(self, phase, aux=True):
+    def set_phase(self, phase, aux=True, full_backbones=False):
         """Sets requires_grad for a training phase (1, 2 or 3); frozen modules go to eval."""
         if phase not in (1, 2, 3):
             raise ValueError(f"phase must be 1, 2 or 3, got {phase!r}")
         for name, p in self.named_parameters():
-            p.requires_grad_(self.trainable(name, phase, aux))
+            p.requires_grad_(self.trainable(name, phase, aux, full_backbones))
         self.phase = phase
         self.train(self.training)
         return self

@@ -259,3 +259,13 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, m, dict(iter_num=2))
     assert load_checkpoint(path)[1]['iter_num'] == 1
+
+
+def test_full_backbones_trains_random_backbones_where_their_lora_trains():
+    m = tiny().set_phase(2, full_backbones=True)
+    assert all(p.requires_grad for p in m.parameters())
+    m.set_phase(3, aux=False, full_backbones=True)
+    assert not any(p.requires_grad for n, p in m.named_parameters() if n.startswith(('vision.', 'aux_head.')))
+    assert all(p.requires_grad for n, p in m.named_parameters() if n.startswith('t5.'))
+    m.set_phase(1, full_backbones=True)
+    assert not any(p.requires_grad for n, p in m.named_parameters() if n.startswith(('vision.', 't5.')))
