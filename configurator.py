@@ -5,7 +5,8 @@ globals and calls, right after defining them:
     configure(globals(), sys.argv[1:])
 
 Arguments without '=' are config files (Python that assigns globals); arguments
-of the form --key=value override one global. Unlike nanoGPT:
+of the form --key=value override one global, and a bare --flag sets a boolean
+global to True. Unlike nanoGPT:
 - an unknown key, in a config file or on the command line, is an error that
   names the key and the closest valid ones;
 - a value of the wrong type is an error;
@@ -82,7 +83,10 @@ def configure(scope, argv=None):
                     scope[k] = _check_type(k, scope[k], v, arg)
         else:
             if '=' not in arg:
-                raise ValueError(f"expected --key=value, got '{arg}'")
+                if isinstance(scope.get(arg[2:]), bool):
+                    arg += '=True'  # a bare --flag switches a boolean on
+                else:
+                    raise ValueError(f"expected --key=value, got '{arg}'")
             key, raw = arg[2:].split('=', 1)
             if key not in keys:
                 raise _unknown(key, keys, 'command line')

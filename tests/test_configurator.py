@@ -17,6 +17,14 @@ def test_command_line_overrides():
     assert s['device'] == 'cuda' and s['betas'] == (0.8, 0.99) and s['targets'] == ['k']
 
 
+def test_bare_flag_sets_a_boolean():
+    s = scope()
+    configure(s, ['--compile'])
+    assert s['compile'] is True
+    with pytest.raises(ValueError, match='--key=value'):
+        configure(s, ['--lr'])
+
+
 def test_int_is_accepted_for_a_float_and_list_for_a_tuple():
     s = scope()
     configure(s, ['--lr=1', '--betas=[0.5, 0.6]'])
