@@ -1,0 +1,153 @@
+"""
+Writes reports for chest X-rays with a trained checkpoint:
+
+    python sample.py --out_dir=out-smoke --images=path/to/image_or_dir
+    python sample.py --out_dir=out-smoke --images=xray.png --json
+    python sample.py --out_dir=out-smoke --images=xray.png --attention_dir=attn   # "visualize"
+
+For each image: the report "Findings: ... | Impression: ...", and the aux
+head's 14 CheXpert probabilities, sorted, with the threshold. With
+attention_dir, a PNG grid of the 20 queries' cross-attention maps over the
+X-ray (14 conditions, 6 regions, each labelled) and the gate value.
+"""
+import json as jsonlib
+import os
+import sys
+
+import torch
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'               # holds ckpt.safetensors
+ckpt = ''                     # a specific checkpoint file instead of out_dir/ckpt.safetensors
+images = ''                   # an image file or a directory of them (PNG, JPEG)
+batch_size = 8
+num_beams = 4                 # the methodology's generation defaults
+no_repeat_ngram_size = 3
+length_penalty = 1.0
+early_stopping = True
+min_length = 20
+max_length = 512
+threshold = 0.5               # aux-head probability above which a condition is called present
+json = False                  # machine-readable output: one JSON object per image
+attention_dir = ''            # write attention-map grids here
+device = 'auto'
+dtype = 'auto'
+# -----------------------------------------------------------------------------
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
+def list_images(path):
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise FileNotFoundError(f"no .png/.jpg/.jpeg images in directory {path}")
+        return files
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"images={path!r}: no such file or directory")
+    return [path]
+
+
+def load_model(out_dir, ckpt='', device='cpu'):
+    """(model, tokenizer, run config) of a training run's checkpoint."""
+    import data
+    from chexquery import load_checkpoint
+    model, meta = load_checkpoint(ckpt or out_dir, device)
+    cfg = meta['config']
+    tok = data.load_tokenizer(cfg['data_dir'] if cfg['dataset'] == 'phantom' else cfg['tokenizer'])
+    return model, tok, cfg
+
+
+def generation_kwargs():
+    return dict(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
+                early_stopping=early_stopping, min_length=min_length, max_length=max_length)
+
+
+def heat(values):
+    """A (h, w) array in [0, 1] -> an RGB uint8 heat map (black-red-yellow-white)."""
+    import numpy as np
+    v = np.clip(values, 0, 1)[..., None]
+    rgb = np.concatenate([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def attention_grid(image, attention, gate, title, cell=160):
+    """A 5 x 4 PNG grid: the X-ray with each query's attention map (N patches) laid over it."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from chexquery import CONDITIONS, REGIONS
+    names = list(CONDITIONS) + [f"region: {r}" for r in REGIONS]
+    g = int(round(attention.shape[-1] ** 0.5))
+    base = np.asarray(image.convert('L').resize((cell, cell)), dtype=np.float32)[..., None] / 255
+    cols, rows, header = 5, 4, 24
+    canvas = Image.new('RGB', (cols * cell, rows * (cell + 14) + header), 'white')
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), f"{title}   gate (weight of the global token) = {gate:.3f}", fill='black')
+    for q, name in enumerate(names):
+        a = attention[q].reshape(g, g)
+        a = (a - a.min()) / (a.max() - a.min() + 1e-12)  # per-map contrast: where this query looks
+        a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)) / 255
+        overlay = (0.55 * base * 255 + 0.45 * heat(a)).astype(np.uint8)
+        x, y = (q % cols) * cell, header + (q // cols) * (cell + 14)
+        canvas.paste(Image.fromarray(overlay), (x, y + 14))
+        draw.text((x + 2, y + 1), name[:26], fill='black')
+    return canvas
+
+
+def main():
+    import data
+    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    model, tok, cfg = load_model(out_dir, ckpt, dev)
+    size = model.cfg.image_size
+    transform = data.eval_transform(size)
+    prompt = data.prompt_ids(tok, cfg['prompt'])
+    ptdtype = {'auto': torch.bfloat16 if dev.startswith('cuda') else torch.float32, 'float32': torch.float32,
+               'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = torch.autocast(dev.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    if attention_dir:
+        os.makedirs(attention_dir, exist_ok=True)
+    from chexquery import CONDITIONS
+    failed = 0
+    files = list_images(images)
+    for start in range(0, len(files), batch_size):
+        loaded = []
+        for f in files[start:start + batch_size]:
+            try:
+                loaded.append((f, data.load_image(f)))
+            except Exception as e:  # one bad file is reported, the rest still run
+                failed += 1
+                print(f"error: {f}: {e}", file=sys.stderr)
+        if not loaded:
+            continue
+        x = torch.stack([transform(im) for _, im in loaded]).to(dev)
+        with torch.no_grad(), autocast:
+            features = model.vision_features(x)  # SigLIP once, for both the probabilities and the report
+            enc = model.encode(features=features, return_attention=bool(attention_dir))
+            ids = model.generate(None, prompt, features=features, **generation_kwargs())
+        probs = enc['cond_logits'].float().sigmoid().cpu()
+        reports = tok.batch_decode(ids, skip_special_tokens=True)
+        for i, (f, im) in enumerate(loaded):
+            p = {c: round(probs[i, j].item(), 4) for j, c in enumerate(CONDITIONS)}
+            record = dict(image=f, report=reports[i].strip(), probabilities=p, threshold=threshold,
+                          present=[c for c, v in p.items() if v >= threshold], gate=round(enc['gate'][i].item(), 4))
+            if attention_dir:
+                png = os.path.join(attention_dir, os.path.splitext(os.path.basename(f))[0] + '_attention.png')
+                attention_grid(im, enc['attention'][i].float().cpu().numpy(), record['gate'],
+                               os.path.basename(f)).save(png)
+                record['attention_png'] = png
+            if json:
+                print(jsonlib.dumps(record))
+            else:
+                print(f"== {f}\n{record['report']}\nconditions (threshold {threshold}):")
+                for c, v in sorted(p.items(), key=lambda kv: -kv[1]):
+                    print(f"  {'*' if v >= threshold else ' '} {v:.3f}  {c}")
+                if attention_dir:
+                    print(f"attention maps: {record['attention_png']}")
+    if failed:
+        print(f"{failed} of {len(files)} files could not be read", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals(), sys.argv[1:])
+    main()

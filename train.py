@@ -1,0 +1,422 @@
+"""
+Trains CheXQuery, one phase per run. Single process:
+
+    python train.py config/phase1.py
+    python train.py config/phantom.py --max_iters=40 --out_dir=out-smoke
+
+Several GPUs (or CPU processes, with gloo) through torchrun:
+
+    torchrun --standalone --nproc_per_node=4 train.py config/phase2.py
+
+Several nodes: on each node, with the master's address,
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=IP --master_port=29500 train.py config/phase2.py
+
+The phases (the methodology's tables, set by CheXQuery.set_phase):
+ 1. queries, cross-attention, fusion and aux head train; both backbones frozen
+ 2. the same plus LoRA on SigLIP and on the T5 decoder, with label smoothing
+ 3. SigLIP fully frozen and no aux loss; generation polish
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed import init_process_group, destroy_process_group
+
+# -----------------------------------------------------------------------------
+# default config: the methodology's phase 1 on IU X-ray. config/*.py and --key=value override.
+# I/O
+out_dir = 'out-phase1'
+eval_interval = 200           # iterations (optimizer steps) between validations
+log_interval = 10
+eval_iters = 0                # validation batches per evaluation; 0 = the whole split
+sample_reports = 3            # decoded validation reports printed at each evaluation
+always_save_checkpoint = False  # also overwrite ckpt.safetensors when val loss did not improve
+init_from = 'scratch'         # 'scratch', 'resume' (out_dir/last.safetensors), or an earlier phase's checkpoint
+wandb_log = False
+wandb_project = 'chexquery'
+# data
+dataset = 'iu_xray'           # 'iu_xray', 'mimic_cxr' or 'phantom' (generated on first use)
+data_dir = 'data/iu_xray'     # prepared by data.py
+tokenizer = 'google/flan-t5-base'  # hub name or local dir; the phantom data carries its own
+prompt = 'Findings:'          # decoder prefix; the loss ignores it
+max_len = 256                 # decoder tokens, prompt included
+uncertain = 'positive'        # uncertain CheXpert labels count as positive in the aux targets
+augment = True
+num_workers = 2
+# model
+model_size = 'base'           # 'base': the pretrained backbones below; 'tiny': small random ones (phantom)
+vision_model = 'google/siglip-base-patch16-384'
+text_model = 'google/flan-t5-base'
+query_init = 'dmis-lab/biobert-v1.1'
+image_size = 384
+full_backbones = False        # train whole backbones, not just LoRA: only for random ones (phantom)
+# optimization
+phase = 1
+epochs = 5
+max_iters = 0                 # 0: derived from epochs
+batch_size = 16               # per process and micro-step
+gradient_accumulation_steps = 2  # in total; split across processes. 16 x 2 x 1 GPU = 32 effective
+learning_rate = 1e-4
+min_lr = 0.0                  # cosine decay ends here
+warmup_iters = 200
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0
+label_smoothing = 0.0
+lambda_gen = 1.0
+lambda_aux = 0.5
+max_bad_steps = 10            # consecutive non-finite steps before the run stops
+debug_nan_iter = -1           # testing: poison the images of this iteration with NaN
+# system
+device = 'auto'               # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'                # 'auto': bf16 (or fp16) on CUDA, fp32 on CPU, where bf16 is slower
+seed = 1337
+# -----------------------------------------------------------------------------
+if __name__ != '__main__':
+    raise ImportError('train.py is a script: run it, do not import it')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from configurator import configure  # noqa: E402
+config = configure(globals(), sys.argv[1:])
+
+import data  # noqa: E402
+from chexquery import CONDITIONS, CheXQuery, CheXQueryConfig, load_weights, read_checkpoint, save_checkpoint, tiny_config  # noqa: E402
+
+# distributed setup -------------------------------------------------------------
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if ddp:
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+if gradient_accumulation_steps % world_size:
+    raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the "
+                     f"{world_size} processes, so the effective batch stays the same")
+accum = gradient_accumulation_steps // world_size
+device_type = device.split(':')[0]
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+# one code path for every precision: autocast does nothing in fp32, the scaler nothing unless fp16
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+torch.manual_seed(seed + rank)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+log = print if master else (lambda *a, **k: None)
+
+# data ----------------------------------------------------------------------------
+if dataset == 'phantom':
+    import phantom
+    if master:
+        phantom.ensure_phantom(data_dir)
+    if ddp:
+        torch.distributed.barrier()  # the others wait until rank 0 has written it
+tok = data.load_tokenizer(data_dir if dataset == 'phantom' else tokenizer)
+train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, prompt=prompt,
+                               max_len=max_len, uncertain=uncertain)
+val_set = data.ReportDataset(data_dir, 'val', tok, image_size, train=False, prompt=prompt,
+                             max_len=max_len, uncertain=uncertain)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of a seeded permutation of the epoch, from a start
+    position, so a resumed run sees exactly the samples it would have seen.
+    Yields (epoch, index) keys, which SeededSamples turns into samples."""
+
+    def __init__(self, n, epoch, start=0):
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        order = order[:len(order) - len(order) % world_size]  # every process the same count
+        self.keys = [(epoch, i) for i in order[rank::world_size][start:]]
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Seeds each sample's augmentation from (seed, epoch, index): the same sample
+    gets the same augmentation whichever worker loads it, so resuming is exact."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        epoch, i = key
+        torch.manual_seed(seed * 1_000_003 + epoch * 100_003 + i)
+        return self.dataset[i]
+
+
+def batches(epoch, start=0):
+    """This process's micro-batches of an epoch, from micro-batch `start` on."""
+    return iter(torch.utils.data.DataLoader(
+        SeededSamples(train_set), batch_size=batch_size, sampler=EpochSampler(len(train_set), epoch, start * batch_size),
+        num_workers=num_workers, collate_fn=data.collate, pin_memory=device_type == 'cuda', drop_last=True))
+
+
+iters_per_epoch = len(train_set) // world_size // batch_size // accum
+if iters_per_epoch == 0:
+    raise ValueError(f"{len(train_set)} training samples are fewer than one step of "
+                     f"{batch_size} x {gradient_accumulation_steps} samples")
+if max_iters == 0:
+    max_iters = epochs * iters_per_epoch
+log(f"{len(train_set)} train / {len(val_set)} val samples; effective batch {batch_size} x {accum} x "
+    f"{world_size} processes = {batch_size * accum * world_size}; {iters_per_epoch} iterations per epoch, "
+    f"{max_iters} in all; {device}, {dtype}")
+
+# model -----------------------------------------------------------------------------
+resume_state = None
+if init_from == 'resume':
+    tensors, resume_state = read_checkpoint(os.path.join(out_dir, 'last.safetensors'))
+    model_cfg = CheXQueryConfig(**dict(resume_state['model_config'], query_init='random'))
+elif model_size == 'tiny':
+    model_cfg = tiny_config(vocab_size=len(tok), image_size=image_size)
+elif model_size == 'base':
+    model_cfg = CheXQueryConfig(vision_model=vision_model, text_model=text_model, image_size=image_size,
+                                query_init=query_init)
+else:
+    raise ValueError(f"model_size must be 'base' or 'tiny', got {model_size!r}")
+if init_from not in ('scratch', 'resume'):
+    tensors, init_meta = read_checkpoint(init_from)
+    model_cfg = CheXQueryConfig(**dict(init_meta['model_config'], query_init='random'))
+    log(f"initializing from {init_from} (phase {init_meta.get('phase')}, iter {init_meta.get('iter_num')})")
+model = CheXQuery(model_cfg)
+if init_from != 'scratch':
+    load_weights(model, {k: v for k, v in tensors.items() if '/' not in k}, init_from)
+# Exactly the phase's parameters train; with no aux loss the aux head has no
+# gradient, so it freezes too (DDP runs with find_unused_parameters=False).
+model.set_phase(phase, aux=lambda_aux > 0, full_backbones=full_backbones)
+model.to(device)
+log(model.param_report())
+
+# optimizer: weight decay on weight matrices (LoRA A/B included), none on biases,
+# norms and the query vectors, whose BioBERT start decay would pull toward zero
+params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+decay = [p for n, p in params if p.dim() >= 2 and 'queries' not in n]
+no_decay = [p for n, p in params if not (p.dim() >= 2 and 'queries' not in n)]
+optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                               {'params': no_decay, 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+iter_num, epoch, batch_in_epoch, best_val_loss = 0, 0, 0, float('inf')
+if resume_state is not None:
+    iter_num, epoch, batch_in_epoch = resume_state['iter_num'], resume_state['epoch'], resume_state['batch_in_epoch']
+    best_val_loss = resume_state['best_val_loss']
+    opt_state = dict(param_groups=resume_state['optimizer_param_groups'], state={})
+    for k, v in tensors.items():
+        if k.startswith('optim/'):
+            _, idx, name = k.split('/')
+            opt_state['state'].setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict(opt_state)
+    scaler.load_state_dict(resume_state['scaler'])
+    if master:  # other processes keep their own seeded streams
+        torch.set_rng_state(tensors['rng/torch'])
+    log(f"resuming at iteration {iter_num} (epoch {epoch}, step {batch_in_epoch})")
+raw_model = model
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=False)
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay to min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def to_device(b):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def compute_loss(m, b):
+    out = m(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'], label_smoothing=label_smoothing)
+    return lambda_gen * out['loss_gen'] + lambda_aux * out['loss_aux'], out
+
+
+@torch.no_grad()
+def evaluate():
+    """Validation losses, the aux head's macro AUC and F1, and a few decoded reports."""
+    from eval import auc_per_condition  # eval.py's metric, so train and eval agree
+    raw_model.eval()
+    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=data.collate)
+    sums, n, probs, targets = dict(gen=0.0, aux=0.0), 0, [], []
+    for i, b in enumerate(loader):
+        if b is None:
+            continue
+        if eval_iters and i >= eval_iters:
+            break
+        b = to_device(b)
+        with autocast:
+            out = raw_model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'])
+        k = len(b['ids'])
+        sums['gen'] += out['loss_gen'].item() * k
+        sums['aux'] += out['loss_aux'].item() * k
+        n += k
+        probs.append(out['cond_logits'].float().sigmoid().cpu())
+        targets.append(b['cond_labels'].cpu())
+    probs, targets = torch.cat(probs), torch.cat(targets)
+    aucs = [a for a in auc_per_condition(targets.numpy(), probs.numpy()) if a == a]  # NaN: one class only
+    pred, tgt = probs > 0.5, targets > 0.5
+    f1s = [2 * (p & t).sum().item() / max(1, p.sum().item() + t.sum().item()) for p, t in zip(pred.T, tgt.T)
+           if t.any() or p.any()]
+    result = dict(val_loss_gen=sums['gen'] / n, val_loss_aux=sums['aux'] / n,
+                  val_loss=lambda_gen * sums['gen'] / n + lambda_aux * sums['aux'] / n,
+                  val_auc_macro=sum(aucs) / max(1, len(aucs)), val_f1_macro=sum(f1s) / max(1, len(f1s)))
+    if sample_reports:
+        items = [val_set[i] for i in range(min(sample_reports, len(val_set)))]
+        items = [x for x in items if x is not None]
+        images = torch.stack([x['image'] for x in items]).to(device)
+        with autocast:
+            ids = raw_model.generate(images, data.prompt_ids(tok, prompt), num_beams=1, min_length=1,
+                                     max_length=max_len)
+        for x, hyp in zip(items, tok.batch_decode(ids, skip_special_tokens=True)):
+            ref = tok.decode(x['decoder_input_ids'], skip_special_tokens=True)
+            log(f"  [{x['id']}] ref: {ref}\n  [{x['id']}] gen: {hyp}")
+    raw_model.train()
+    return result
+
+
+def save(name, val_loss=None):
+    """Weights, optimizer, scaler and RNG in out_dir/<name>.safetensors, the rest in its header."""
+    extra = {f'optim/{i}/{k}': v for i, s in optimizer.state_dict()['state'].items() for k, v in s.items()}
+    extra['rng/torch'] = torch.get_rng_state()
+    meta = dict(config=config, phase=phase, iter_num=iter_num, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                best_val_loss=best_val_loss, val_loss=val_loss, scaler=scaler.state_dict(),
+                optimizer_param_groups=optimizer.state_dict()['param_groups'], world_size=world_size)
+    save_checkpoint(os.path.join(out_dir, f'{name}.safetensors'), raw_model, meta, extra)
+
+
+def log_metrics(record):
+    with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb_log:
+        wandb.log(record, step=record['iter'])
+
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if wandb_log:
+        try:
+            import wandb
+            wandb.init(project=wandb_project, config=config)
+        except ImportError:
+            print("wandb_log=True but wandb is not installed: logging to metrics.jsonl only")
+            wandb_log = False
+
+# Ctrl-C: finish the current iteration, save, exit. A second Ctrl-C stops at once.
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+signal.signal(signal.SIGINT, request_stop)
+
+# the loop ---------------------------------------------------------------------------
+raw_model.train()
+train_iter = batches(epoch, batch_in_epoch)
+bad_steps, t0, samples_seen, iters_since_log, last_val = 0, time.time(), 0, 0, None
+while iter_num < max_iters and not stop_requested:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    loss_sum, gen_sum, aux_sum = 0.0, 0.0, 0.0
+    for micro_step in range(accum):
+        b = None
+        while b is None:  # None: every sample of the batch was unreadable (already warned)
+            try:
+                b = next(train_iter)
+                batch_in_epoch += 1
+            except StopIteration:
+                epoch, batch_in_epoch = epoch + 1, 0
+                train_iter = batches(epoch)
+        b = to_device(b)
+        if iter_num == debug_nan_iter:
+            b['image'] = b['image'] * float('nan')
+        samples_seen += len(b['ids'])
+        # gradients are synced across processes only on the last micro-step
+        sync = not ddp or micro_step == accum - 1
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            loss, out = compute_loss(model, b)
+        scaler.scale(loss / accum).backward()
+        loss_sum += loss.item() / accum
+        gen_sum += out['loss_gen'].item() / accum
+        aux_sum += out['loss_aux'].item() / accum
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    # the all-reduced gradient norm is the same on every process, so all skip together
+    if torch.isfinite(grad_norm):
+        scaler.step(optimizer)
+        bad_steps = 0
+    else:
+        bad_steps += 1
+        warnings.warn(f"iter {iter_num}: non-finite loss or gradients (loss {loss_sum:.4g}); step skipped "
+                      f"({bad_steps} in a row)")
+        if bad_steps >= max_bad_steps and not scaler.is_enabled():
+            log(f"stopping: {bad_steps} non-finite steps in a row. The last good checkpoint in {out_dir} "
+                f"is kept; try a lower learning_rate or dtype='float32'.")
+            sys.exit(1)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    if ddp:  # a Ctrl-C reaches the processes at different moments: stop them all at the same iteration
+        flag = torch.tensor(float(stop_requested), device=device)
+        torch.distributed.all_reduce(flag)
+        stop_requested = flag.item() > 0
+
+    iters_since_log += 1
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        elapsed = time.time() - t0
+        dt = elapsed / iters_since_log
+        imgs = samples_seen * world_size / elapsed
+        t0, samples_seen, iters_since_log = time.time(), 0, 0
+        eta = (max_iters - iter_num) * dt
+        log(f"iter {iter_num}/{max_iters} (epoch {epoch}) | loss {loss_sum:.4f} gen {gen_sum:.4f} aux {aux_sum:.4f} | "
+            f"lr {lr:.2e} | {dt * 1000:.0f} ms/iter, {imgs:.1f} img/s | eta {eta / 60:.1f} min")
+        if master:
+            log_metrics(dict(iter=iter_num, epoch=epoch, loss=loss_sum, loss_gen=gen_sum, loss_aux=aux_sum,
+                             lr=lr, ms_per_iter=dt * 1000, images_per_s=imgs, grad_norm=grad_norm.item()))
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        if master:
+            last_val = evaluate()
+            log(f"val @ {iter_num}: " + ', '.join(f"{k} {v:.4f}" for k, v in last_val.items()))
+            log_metrics(dict(iter=iter_num, epoch=epoch, **last_val))
+            improved = last_val['val_loss'] < best_val_loss
+            best_val_loss = min(best_val_loss, last_val['val_loss'])
+            if improved or always_save_checkpoint:
+                save('ckpt', last_val['val_loss'])
+                log(f"saved {out_dir}/ckpt.safetensors (best val loss {best_val_loss:.4f})")
+            save('last', last_val['val_loss'])
+        if ddp:
+            torch.distributed.barrier()
+        t0 = time.time()  # evaluation time is not training time
+
+if stop_requested and master:
+    save('last')
+    log(f"interrupted at iteration {iter_num}: saved {out_dir}/last.safetensors; continue with --init_from=resume")
+elif master and last_val is not None:
+    log("final validation: " + json.dumps({k: round(v, 4) for k, v in last_val.items()}))
+if ddp:
+    destroy_process_group()
