@@ -41,7 +41,7 @@ seed = 1337
 workers = os.cpu_count() or 1
 force = False  # regenerate even when data_dir already holds this exact set
 
-VERSION = 1    # bump whenever the output for a given seed changes
+VERSION = 2    # bump whenever the output for a given seed changes
 PAD = 0.15     # the canonical canvas reaches PAD beyond the image, so moving it shows no edges
 P_NORMAL, P_DEVICES, P_UNCERTAIN = 0.38, 0.12, 0.15
 # Relative frequency of each finding among abnormal studies. Lung Opacity is low
@@ -114,7 +114,7 @@ ECM, CM, PTX, EFF = 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Pneumothorax'
 NEGATIONS = {  # group: [(sentence, conditions it negates)]
     'heart': [("Heart size is normal.", (CM,)), ("The heart is normal in size.", (CM,))],
     'heart+mediastinum': [("The heart size and mediastinal contours are normal.", (CM, ECM)),
-                          ("Cardiac and mediastinal contours are within normal limits.", (CM, ECM)),
+                          ("Heart size and mediastinal contours are within normal limits.", (CM, ECM)),
                           ("The cardiomediastinal silhouette is within normal limits.", (ECM,))],
     'mediastinum': [("The mediastinal contours are normal.", (ECM,))],
     'clear': [("The lungs are clear.", ()), ("Lungs are clear bilaterally.", ()),
@@ -584,16 +584,21 @@ def read_manifest(data_dir):
 def generate(data_dir, n_train=3000, n_val=300, n_test=300, image_size=128, seed=1337, workers=None, force=False):
     """Writes the phantom dataset to data_dir, unless it already holds this exact set
     (force=True regenerates). Returns the manifest."""
-    params = check_params(n_train, n_val, n_test, image_size, seed)
+    params, data_dir = check_params(n_train, n_val, n_test, image_size, seed), os.path.normpath(data_dir)
     m = read_manifest(data_dir)
     if m and m['params'] == params and not force:
         print(f"phantom: {data_dir} already holds this set, not regenerating")
         return m
-    if os.path.isdir(data_dir) and os.listdir(data_dir) and not os.path.exists(os.path.join(data_dir, 'manifest.json')):
-        raise ValueError(f"phantom: {data_dir} is not empty and holds no phantom manifest.json; "
-                         f"refusing to overwrite it, choose another data_dir")
+    try:  # only ever replace an empty directory or an earlier phantom set, never a prepared real dataset
+        with open(os.path.join(data_dir, 'manifest.json')) as f:
+            ours = json.load(f).get('dataset') == 'phantom'
+    except (OSError, ValueError, AttributeError):
+        ours = os.path.isdir(data_dir) and not os.listdir(data_dir) or not os.path.exists(data_dir)
+    if not ours:
+        raise ValueError(f"phantom: {data_dir} exists and is not a phantom set (no manifest.json saying "
+                         f"dataset 'phantom'); refusing to overwrite it, choose another data_dir")
     # build next to it and swap at the end, so an interrupted run never looks complete
-    tmp = os.path.normpath(data_dir) + '.tmp'
+    tmp = data_dir + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, 'images'))
     n, workers = n_train + n_val + n_test, max(1, workers or os.cpu_count() or 1)

@@ -230,7 +230,13 @@ def test_bad_input_is_refused(tmp_path):
     (other / 'train.jsonl').write_text('{}\n')
     with pytest.raises(ValueError, match='refusing to overwrite'):
         phantom.generate(str(other), n_train=2, n_val=0, n_test=0, image_size=64)
+    (other / 'manifest.json').write_text(json.dumps(dict(dataset='iu_xray', counts=dict(train=1))))
+    with pytest.raises(ValueError, match='refusing to overwrite'):  # a prepared real dataset is never replaced
+        phantom.ensure_phantom(str(other), n_train=2, n_val=0, n_test=0, image_size=64)
     assert (other / 'train.jsonl').read_text() == '{}\n'
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(ValueError, match='refusing to overwrite'):
+        phantom.generate(str(tmp_path / 'a_file'), n_train=2, n_val=0, n_test=0, image_size=64)
     with pytest.raises(ValueError, match='unknown condition'):
         phantom.make_finding('Pneumonitis')
 
