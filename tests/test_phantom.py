@@ -253,7 +253,9 @@ def test_command_line(tmp_path):
 
 
 def test_labeler_recovers_the_generator_labels():
-    labeler = pytest.importorskip('labeler')
+    if not os.path.exists(os.path.join(ROOT, 'labeler.py')):
+        pytest.skip('labeler.py is not written yet')
+    import labeler
     cases = [phantom.sample_case(21, i) for i in range(600)]
     wrong = {c: [] for c in CONDITIONS}
     for case in cases:
