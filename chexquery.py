@@ -419,14 +419,14 @@ class CheXQuery(nn.Module):
                   ('projection', 'proj.', None), ('auxiliary head', 'aux_head.', None),
                   ('decoder (T5)', 't5.', False), ('  decoder LoRA', 't5.', True))
 
-    def param_report(self):
+    def param_report(self, full_backbones=False):
         """Total and trainable parameters per component and phase, as a table."""
         rows = []
         for label, prefix, want_lora in self.COMPONENTS:
             ps = [(n, p.numel()) for n, p in self.named_parameters()
                   if n.startswith(prefix) and (want_lora is None or ('lora_' in n) == want_lora)]
             rows.append([label, sum(k for _, k in ps)] +
-                        [sum(k for n, k in ps if self.trainable(n, ph)) for ph in (1, 2, 3)])
+                        [sum(k for n, k in ps if self.trainable(n, ph, full_backbones=full_backbones)) for ph in (1, 2, 3)])
         rows.append(['total'] + [sum(r[i] for r in rows) for i in range(1, 5)])
         lines = [f"{'component':<26}{'params':>14}{'phase 1':>13}{'phase 2':>13}{'phase 3':>13}"]
         lines += [f"{r[0]:<26}" + ''.join(f"{v:>14,}" if i == 0 else f"{v:>13,}" for i, v in enumerate(r[1:]))

@@ -204,7 +204,7 @@ if init_from != 'scratch':
 # gradient, so it freezes too (DDP runs with find_unused_parameters=False).
 model.set_phase(phase, aux=lambda_aux > 0, full_backbones=full_backbones)
 model.to(device)
-log(model.param_report())
+log(model.param_report(full_backbones))
 
 # optimizer: weight decay on weight matrices (LoRA A/B included), none on biases,
 # norms and the query vectors, whose BioBERT start decay would pull toward zero
@@ -336,7 +336,7 @@ signal.signal(signal.SIGINT, request_stop)
 # the loop ---------------------------------------------------------------------------
 raw_model.train()
 train_iter = batches(epoch, batch_in_epoch)
-bad_steps, t0, samples_seen, iters_since_log, last_val = 0, time.time(), 0, 0, None
+bad_steps, t0, samples_seen, iters_since_log, last_val, skipped = 0, time.time(), 0, 0, None, 0
 while iter_num < max_iters and not stop_requested:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -348,6 +348,7 @@ while iter_num < max_iters and not stop_requested:
             try:
                 b = next(train_iter)
                 batch_in_epoch += 1
+                skipped += batch_size if b is None else b['skipped']
             except StopIteration:
                 epoch, batch_in_epoch = epoch + 1, 0
                 train_iter = batches(epoch)
@@ -393,10 +394,12 @@ while iter_num < max_iters and not stop_requested:
         t0, samples_seen, iters_since_log = time.time(), 0, 0
         eta = (max_iters - iter_num) * dt
         log(f"iter {iter_num}/{max_iters} (epoch {epoch}) | loss {loss_sum:.4f} gen {gen_sum:.4f} aux {aux_sum:.4f} | "
-            f"lr {lr:.2e} | {dt * 1000:.0f} ms/iter, {imgs:.1f} img/s | eta {eta / 60:.1f} min")
+            f"lr {lr:.2e} | {dt * 1000:.0f} ms/iter, {imgs:.1f} img/s | eta {eta / 60:.1f} min"
+            + (f" | {skipped} bad images skipped" if skipped else ''))
         if master:
             log_metrics(dict(iter=iter_num, epoch=epoch, loss=loss_sum, loss_gen=gen_sum, loss_aux=aux_sum,
-                             lr=lr, ms_per_iter=dt * 1000, images_per_s=imgs, grad_norm=grad_norm.item()))
+                             lr=lr, ms_per_iter=dt * 1000, images_per_s=imgs, grad_norm=grad_norm.item(),
+                             skipped_images=skipped))
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         if master:

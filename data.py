@@ -1,0 +1,422 @@
+"""
+Everything between the raw datasets and the model's batches.
+
+    python data.py --dataset=phantom  --data_dir=data/phantom                 # built in, nothing downloaded
+    python data.py --dataset=iu_xray   --data_dir=data/iu_xray   --src=RAW_DIR # Kaggle "chest-xrays-indiana-university"
+    python data.py --dataset=mimic_cxr --data_dir=data/mimic_cxr --src=RAW_DIR # MIMIC-CXR-JPG 2.0.0 + mimic-cxr-reports
+
+Each writes a prepared directory: train/val/test.jsonl (one record per frontal
+image: id, uid, image, findings, impression, report, indication, labels,
+label_source), resized image copies under images_<short_side>/ and a
+manifest.json. ReportDataset reads that directory, whichever dataset made it.
+"""
+import csv
+import gzip
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from collections import Counter
+from multiprocessing import Pool
+
+import torch
+from PIL import Image, ImageFile
+
+from chexquery import CONDITIONS
+
+# -----------------------------------------------------------------------------
+dataset = 'phantom'           # 'phantom' | 'iu_xray' | 'mimic_cxr'
+data_dir = 'data/phantom'     # where the prepared splits go
+src = ''                      # the raw download (iu_xray, mimic_cxr)
+seed = 1337                   # the IU X-ray patient split's seed
+short_side = 448              # resized copies: shorter side in px (never upscaled)
+workers = 0                   # processes for resizing / generating; 0 = every core
+# -----------------------------------------------------------------------------
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey image
+MEAN = STD = (0.5, 0.5, 0.5)             # SigLIP's normalization
+IU_REPORT_COLUMNS = ('uid', 'findings', 'impression', 'indication')
+IU_PROJECTION_COLUMNS = ('uid', 'filename', 'projection')
+
+
+# --- images ----------------------------------------------------------------------
+def load_image(path):
+    """An RGB PIL image from any common mode (L, I;16, I, F, RGB, RGBA, LA, P).
+    Raises ValueError naming the file for anything unreadable."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its pixel limit: make every bomb an error
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        reason = 'empty (0 bytes)' if os.path.exists(path) and os.path.getsize(path) == 0 else str(e)
+        raise ValueError(f"{path}: not a readable image ({reason})") from None
+
+
+def to_rgb(im):
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        # 16-bit and float radiographs: stretch min..max to 0..255 (PIL's convert('L') would clip at 255)
+        import numpy as np
+        a = np.asarray(im, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.round().astype(np.uint8), 'L')
+    if im.mode in ('RGBA', 'LA') or (im.mode == 'P' and 'transparency' in im.info):
+        im = im.convert('RGBA')
+        flat = Image.new('RGBA', im.size, (0, 0, 0, 255))  # transparent = black, like air on a film
+        im = Image.alpha_composite(flat, im)
+    return im.convert('RGB')
+
+
+def train_transform(size):
+    """The methodology's augmentations, exactly: no horizontal flip, ever (it would put
+    the heart on the wrong side and make 'left'/'right' in reports wrong)."""
+    from torchvision import transforms as T
+    return T.Compose([
+        T.Resize((size, size), antialias=True),
+        T.RandomRotation(5),
+        T.RandomAffine(degrees=0, translate=(0.03, 0.03), scale=(0.97, 1.03)),
+        T.ColorJitter(brightness=0.05, contrast=0.05),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def eval_transform(size):
+    from torchvision import transforms as T
+    return T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# --- tokens ----------------------------------------------------------------------
+def load_tokenizer(name_or_dir):
+    """The phantom set's own tokenizer.json, or a Hugging Face tokenizer by hub name or local dir."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    path = os.path.join(name_or_dir, 'tokenizer.json')
+    if os.path.isfile(path) and not os.path.isfile(os.path.join(name_or_dir, 'tokenizer_config.json')):
+        return PreTrainedTokenizerFast(tokenizer_file=path, pad_token='<pad>', eos_token='</s>', unk_token='<unk>')
+    try:
+        return AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load the tokenizer {name_or_dir!r}: {e}\nOffline, or no such hub name? "
+                      f"Download it once (e.g. huggingface-cli download google/flan-t5-base) and pass "
+                      f"--tokenizer=/path/to/local/dir") from None
+
+
+def prompt_ids(tok, prompt):
+    """The decoder prefix for generate: T5's start token (pad, 0) then the prompt."""
+    return [tok.pad_token_id] + tok(prompt, add_special_tokens=False)['input_ids']
+
+
+def encode_report(tok, prompt, report, max_len):
+    """(decoder_input_ids, labels): the decoder reads [start] + prompt + target[:-1] and
+    predicts target + eos; labels are -100 on the prompt so it is given, never learned."""
+    p = tok(prompt, add_special_tokens=False)['input_ids']
+    target = report[len(prompt):] if report.startswith(prompt) else report
+    t = tok(target.strip(), add_special_tokens=False)['input_ids'][:max(1, max_len - len(p) - 1)] + [tok.eos_token_id]
+    seq = p + t
+    return [tok.pad_token_id] + seq[:-1], [-100] * len(p) + t
+
+
+# --- dataset ---------------------------------------------------------------------
+def read_split(data_dir, split):
+    path = os.path.join(data_dir, f'{split}.jsonl')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: prepare the data first (python data.py --dataset=... "
+                                f"--data_dir={data_dir})")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            missing = [k for k in ('id', 'image', 'report', 'labels') if k not in r]
+            if missing or len(r.get('labels') or ()) != len(CONDITIONS):
+                raise ValueError(f"{path}:{n}: record needs keys id, image, report and 14 labels; "
+                                 f"missing {missing}, labels {r.get('labels')}")
+            records.append(r)
+    return records
+
+
+class ReportDataset(torch.utils.data.Dataset):
+    """(image, decoder tokens, 14 condition targets) per frontal image of a prepared split.
+    Tokenized once up front, so a worker only decodes and augments the image. A bad image
+    gives None (one warning naming the file); collate drops it and counts the skip."""
+
+    def __init__(self, data_dir, split, tokenizer, image_size, train=False, prompt='Findings:',
+                 max_len=256, uncertain='positive'):
+        from labeler import binarize
+        self.data_dir, self.records = data_dir, read_split(data_dir, split)
+        self.transform = train_transform(image_size) if train else eval_transform(image_size)
+        self.tokens = [encode_report(tokenizer, prompt, r['report'], max_len) for r in self.records]
+        self.cond_labels = torch.tensor([binarize(r['labels'], uncertain) for r in self.records], dtype=torch.float32)
+        self.warned = set()
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        path = os.path.join(self.data_dir, r['image'])
+        try:
+            image = self.transform(load_image(path))                            # (3, S, S)
+        except ValueError as e:
+            if path not in self.warned:
+                self.warned.add(path)
+                print(f"warning: skipping sample {r['id']}: {e}", file=sys.stderr)
+            return None
+        decoder_input_ids, labels = self.tokens[i]
+        return dict(id=r['id'], image=image, decoder_input_ids=torch.tensor(decoder_input_ids),
+                    labels=torch.tensor(labels), cond_labels=self.cond_labels[i])
+
+
+def collate(batch):
+    """Pads a list of samples into a batch (decoder inputs with pad 0, labels with -100);
+    None samples (bad images) are dropped and counted in 'skipped'. None if all were bad."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None
+    pad = torch.nn.utils.rnn.pad_sequence
+    return dict(ids=[b['id'] for b in good], skipped=len(batch) - len(good),
+                image=torch.stack([b['image'] for b in good]),                            # (B, 3, S, S)
+                decoder_input_ids=pad([b['decoder_input_ids'] for b in good], batch_first=True, padding_value=0),
+                labels=pad([b['labels'] for b in good], batch_first=True, padding_value=-100),  # (B, T)
+                cond_labels=torch.stack([b['cond_labels'] for b in good]))                # (B, 14)
+
+
+# --- preparation: shared steps -----------------------------------------------------
+def read_csv(path, columns):
+    """Rows of a CSV (or .csv.gz) as dicts, after checking it has the given columns."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    with (gzip.open(path, 'rt', newline='') if path.endswith('.gz') else open(path, newline='')) as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ValueError(f"{path} is empty (no header row)")
+        missing = [c for c in columns if c not in reader.fieldnames]
+        if missing:
+            raise ValueError(f"{path} is missing columns {missing} (has {reader.fieldnames})")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path} has a header but no rows")
+    return rows
+
+
+def clean_text(text):
+    """IU X-ray's cleaning: strip; fix sentence spacing ('lesion.There' -> 'lesion. There');
+    drop every sentence holding the de-identification marker XXXX (whole sentence: a
+    'XXXX' token left in or replaced would teach the model to write it); normalize spaces."""
+    text = re.sub(r'\s+', ' ', (text or '').strip())
+    text = re.sub(r'([a-z0-9)])([.!?])([A-Z])', r'\1\2 \3', text)  # also '2.No' in numbered lists
+    sentences = re.split(r'(?<=[.!?])\s+', text)
+    return ' '.join(s for s in sentences if s and 'XXXX' not in s.upper()).strip()
+
+
+def make_report(findings, impression):
+    return f"Findings: {findings} | Impression: {impression}"
+
+
+def patient_split(uids, seed, fractions=(0.7, 0.15, 0.15)):
+    """{uid: 'train'|'val'|'test'}: uids sorted by sha256(seed:uid), then cut 70/15/15.
+    Depends only on the uid strings and the seed, so it is the same on any machine and
+    version, and all images of one patient land in one split."""
+    order = sorted(set(uids), key=lambda u: hashlib.sha256(f'{seed}:{u}'.encode()).hexdigest())
+    n_train, n_val = round(fractions[0] * len(order)), round(fractions[1] * len(order))
+    return {u: 'train' if i < n_train else 'val' if i < n_train + n_val else 'test' for i, u in enumerate(order)}
+
+
+def resize_copy(job):
+    """Writes a copy of src with its shorter side at most `side` px (grayscale PNG), unless an
+    up-to-date copy exists. Returns None, or an error message naming the file."""
+    source, dest, side = job
+    if os.path.exists(dest) and os.path.getmtime(dest) >= os.path.getmtime(source):
+        return None
+    try:
+        im = load_image(source).convert('L')  # radiographs are grayscale; RGB comes back at load time
+    except ValueError as e:
+        return str(e)
+    scale = side / min(im.size)
+    if scale < 1:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    im.save(dest + '.tmp', format='PNG')
+    os.replace(dest + '.tmp', dest)  # a killed run never leaves a half-written copy that looks done
+    return None
+
+
+def write_prepared(out_dir, splits, manifest, jobs, n_workers):
+    """Resizes the images in parallel, drops records whose image failed (naming each file),
+    and writes the split files and the manifest."""
+    n_workers = n_workers or os.cpu_count() or 1
+    if n_workers > 1 and len(jobs) > 1:
+        with Pool(n_workers) as pool:
+            errors = pool.map(resize_copy, jobs, chunksize=max(1, len(jobs) // (16 * n_workers)))
+    else:
+        errors = [resize_copy(j) for j in jobs]
+    bad = {os.path.relpath(dest, out_dir): e for (_, dest, _), e in zip(jobs, errors) if e}
+    for e in list(bad.values())[:20]:
+        print(f"  image problem: {e}")
+    if len(bad) > 20:
+        print(f"  ... and {len(bad) - 20} more image problems")
+    for name in splits:
+        kept = [r for r in splits[name] if r['image'] not in bad]
+        manifest['dropped'][f'{name}: image missing or unreadable'] = len(splits[name]) - len(kept)
+        splits[name] = kept
+        with open(os.path.join(out_dir, f'{name}.jsonl'), 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in kept)
+    manifest['counts'] = {k: len(v) for k, v in splits.items()}
+    manifest['patients'] = {k: len({r['uid'] for r in v}) for k, v in splits.items()}
+    with open(os.path.join(out_dir, 'manifest.json'), 'w') as f:
+        json.dump(manifest, f, indent=1)
+    print(f"{manifest['dataset']}: {manifest['counts']} images ({manifest['patients']} patients) in {out_dir}")
+    for reason, n in manifest['dropped'].items():
+        print(f"  dropped {n}: {reason}")
+    return manifest
+
+
+# --- IU X-ray --------------------------------------------------------------------
+def iu_records(reports_csv, projections_csv, seed=1337):
+    """Cleaned frontal-image records of IU X-ray with their split, before any image is touched.
+    Returns ({split: [record]}, Counter of dropped reasons)."""
+    from labeler import label_report
+    reports = read_csv(reports_csv, IU_REPORT_COLUMNS)
+    projections = read_csv(projections_csv, IU_PROJECTION_COLUMNS)
+    frontal = {}
+    for p in projections:
+        if p['projection'].strip().lower() == 'frontal':
+            frontal.setdefault(p['uid'], []).append(p['filename'])
+    dropped, studies = Counter(), []
+    for r in reports:
+        findings, impression = clean_text(r['findings']), clean_text(r['impression'])
+        if not findings and not impression:
+            dropped['study: findings and impression both empty after cleaning'] += 1
+        elif r['uid'] not in frontal:
+            dropped['study: no frontal image'] += 1
+        else:
+            studies.append((r, findings, impression))
+    # A study with one empty section is kept and the empty section stays empty in the
+    # target ("Findings:  | Impression: ..."): copying the other section in would teach
+    # the model to repeat itself, and dropping would lose a third of IU's impressions.
+    split = patient_split([r['uid'] for r, _, _ in studies], seed)
+    out = {'train': [], 'val': [], 'test': []}
+    for r, findings, impression in studies:
+        labels = label_report(f"{findings} {impression}")
+        for name in sorted(frontal[r['uid']]):
+            out[split[r['uid']]].append(dict(
+                id=os.path.splitext(name)[0], uid=r['uid'], image=name, findings=findings,
+                impression=impression, report=make_report(findings, impression),
+                indication=clean_text(r['indication']), labels=labels, label_source='rule-based labeler'))
+    return out, dropped
+
+
+def prepare_iu(src, out_dir, seed=1337, short_side=448, n_workers=0):
+    splits, dropped = iu_records(os.path.join(src, 'indiana_reports.csv'),
+                                 os.path.join(src, 'indiana_projections.csv'), seed)
+    image_dir = os.path.join(src, 'images', 'images_normalized')
+    os.makedirs(out_dir, exist_ok=True)
+    jobs = []
+    for recs in splits.values():
+        for r in recs:
+            name, r['image'] = r['image'], f'images_{short_side}/{r["image"]}'
+            jobs.append((os.path.join(image_dir, name), os.path.join(out_dir, r['image']), short_side))
+    manifest = dict(dataset='iu_xray', source=os.path.abspath(src), seed=seed, split='patient-level 70/15/15',
+                    short_side=short_side, label_source='rule-based labeler', conditions=list(CONDITIONS),
+                    one_section_empty=sum(not r['findings'] or not r['impression'] for v in splits.values() for r in v),
+                    dropped=dict(dropped))
+    return write_prepared(out_dir, splits, manifest, jobs, n_workers)
+
+
+# --- MIMIC-CXR -------------------------------------------------------------------
+def find_file(root, name):
+    for candidate in (name, name + '.gz'):
+        if os.path.isfile(os.path.join(root, candidate)):
+            return os.path.join(root, candidate)
+    raise FileNotFoundError(f"{os.path.join(root, name)}(.gz) not found: is {root} the MIMIC-CXR-JPG 2.0.0 directory?")
+
+
+def report_sections(text):
+    """(findings, impression) from a MIMIC-CXR free-text report's 'FINDINGS:' / 'IMPRESSION:' headers."""
+    parts = re.split(r'^\s*([A-Z][A-Z /&()-]+):', text, flags=re.M)  # [preamble, header, body, header, body, ...]
+    sections = {h.strip(): ' '.join(b.split()) for h, b in zip(parts[1::2], parts[2::2])}
+    return sections.get('FINDINGS', ''), sections.get('IMPRESSION', '')
+
+
+def chexpert_value(v):
+    v = (v or '').strip()
+    return None if v == '' else int(float(v))
+
+
+def mimic_records(src):
+    """Frontal (PA, AP) records of MIMIC-CXR-JPG with the official split and CheXpert labels."""
+    meta = read_csv(find_file(src, 'mimic-cxr-2.0.0-metadata.csv'), ('dicom_id', 'subject_id', 'study_id', 'ViewPosition'))
+    labels = read_csv(find_file(src, 'mimic-cxr-2.0.0-chexpert.csv'), ('subject_id', 'study_id') + CONDITIONS)
+    splits = read_csv(find_file(src, 'mimic-cxr-2.0.0-split.csv'), ('dicom_id', 'study_id', 'subject_id', 'split'))
+    split_of = {r['dicom_id']: {'validate': 'val'}.get(r['split'], r['split']) for r in splits}
+    label_of = {r['study_id']: [chexpert_value(r[c]) for c in CONDITIONS] for r in labels}
+    out, dropped, reports = {'train': [], 'val': [], 'test': []}, Counter(), {}
+    for m in meta:
+        if m['ViewPosition'] not in ('PA', 'AP'):
+            dropped['image: not a frontal (PA/AP) view'] += 1
+            continue
+        p, s = f"p{m['subject_id']}", f"s{m['study_id']}"
+        if s not in reports:
+            path = os.path.join(src, 'mimic-cxr-reports', 'files', p[:3], p, s + '.txt')
+            try:
+                with open(path) as f:
+                    reports[s] = report_sections(f.read())
+            except OSError:
+                reports[s] = None
+        if reports[s] is None:
+            dropped['image: report file missing'] += 1
+        elif not any(reports[s]):
+            dropped['image: report has neither FINDINGS nor IMPRESSION'] += 1
+        elif m['study_id'] not in label_of:
+            dropped['image: study has no CheXpert labels'] += 1
+        elif m['dicom_id'] not in split_of:
+            dropped['image: not in the official split'] += 1
+        else:
+            findings, impression = reports[s]
+            out[split_of[m['dicom_id']]].append(dict(
+                id=m['dicom_id'], uid=m['subject_id'], study=m['study_id'],
+                image=os.path.join('files', p[:3], p, s, m['dicom_id'] + '.jpg'), findings=findings,
+                impression=impression, report=make_report(findings, impression), indication='',
+                labels=label_of[m['study_id']], label_source='mimic-cxr-2.0.0-chexpert.csv'))
+    return out, dropped
+
+
+def prepare_mimic(src, out_dir, short_side=448, n_workers=0):
+    splits, dropped = mimic_records(src)
+    os.makedirs(out_dir, exist_ok=True)
+    jobs = []
+    for recs in splits.values():
+        for r in recs:
+            name = r['image']
+            r['image'] = f'images_{short_side}/{r["id"]}.png'
+            jobs.append((os.path.join(src, name), os.path.join(out_dir, r['image']), short_side))
+    manifest = dict(dataset='mimic_cxr', source=os.path.abspath(src), split='official', short_side=short_side,
+                    label_source='mimic-cxr-2.0.0-chexpert.csv', conditions=list(CONDITIONS), dropped=dict(dropped))
+    return write_prepared(out_dir, splits, manifest, jobs, n_workers)
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals(), sys.argv[1:])
+    if dataset == 'phantom':
+        import phantom
+        phantom.generate(data_dir, workers=workers or None)
+    elif dataset in ('iu_xray', 'mimic_cxr'):
+        if not src:
+            sys.exit(f"--src=DIR is required for {dataset}: the raw download's directory")
+        if dataset == 'iu_xray':
+            prepare_iu(src, data_dir, seed, short_side, workers)
+        else:
+            prepare_mimic(src, data_dir, short_side, workers)
+    else:
+        sys.exit(f"unknown dataset {dataset!r}: choose 'phantom', 'iu_xray' or 'mimic_cxr'")
