@@ -74,7 +74,8 @@ label_smoothing = 0.0
 lambda_gen = 1.0
 lambda_aux = 0.5
 max_bad_steps = 10            # consecutive non-finite steps before the run stops
-debug_nan_iter = -1           # testing: poison the images of this iteration with NaN
+debug_nan_iter = -1           # testing: poison the images of this iteration with NaN ...
+debug_nan_steps = 1           # ... and of this many iterations from it
 # system
 device = 'auto'               # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                # 'auto': bf16 (or fp16) on CUDA, fp32 on CPU, where bf16 is slower
@@ -353,7 +354,7 @@ while iter_num < max_iters and not stop_requested:
                 epoch, batch_in_epoch = epoch + 1, 0
                 train_iter = batches(epoch)
         b = to_device(b)
-        if iter_num == debug_nan_iter:
+        if 0 <= iter_num - debug_nan_iter < debug_nan_steps:
             b['image'] = b['image'] * float('nan')
         samples_seen += len(b['ids'])
         # gradients are synced across processes only on the last micro-step
@@ -422,4 +423,10 @@ if stop_requested and master:
 elif master and last_val is not None:
     log("final validation: " + json.dumps({k: round(v, 4) for k, v in last_val.items()}))
 if ddp:
+    # DDP keeps replicas equal only if every process took the same steps: check it
+    sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).cpu()
+    gathered = [torch.zeros_like(sums) for _ in range(world_size)]
+    torch.distributed.all_gather_object(gathered, sums)
+    drift = max((g - gathered[0]).abs().max().item() for g in gathered)
+    log(f"parameters across {world_size} processes: max difference {drift:.3g}")
     destroy_process_group()

@@ -1,7 +1,8 @@
 # The built-in demo: the tiny model (random weights, nothing downloaded) learns the
 # phantom data (generated on first use) on a CPU in minutes. Phase 2 with whole
 # backbones training, since LoRA on random backbones would have nothing to adapt.
-# Effective batch: 32 x 1 x 1 process = 32.
+# Effective batch: 16 x 2 accumulation steps x 1 process = 32; with torchrun's 2 processes,
+# 16 x 1 x 2 = 32 as well.
 dataset = 'phantom'
 data_dir = 'data/phantom'
 out_dir = 'out-phantom'
@@ -10,8 +11,8 @@ image_size = 128
 phase = 2
 full_backbones = True
 epochs = 8
-batch_size = 32
-gradient_accumulation_steps = 1
+batch_size = 16
+gradient_accumulation_steps = 2
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 50
