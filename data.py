@@ -158,6 +158,7 @@ class ReportDataset(torch.utils.data.Dataset):
         self.tokens = [encode_report(tokenizer, prompt, r['report'], max_len) for r in self.records]
         self.cond_labels = torch.tensor([binarize(r['labels'], uncertain) for r in self.records], dtype=torch.float32)
         self.warned = set()
+        self.cached = set()  # ids whose image train.py no longer needs (it has their encoder outputs)
 
     def __len__(self):
         return len(self.records)
@@ -165,8 +166,10 @@ class ReportDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         path = os.path.join(self.data_dir, r['image'])
+        image = None
         try:
-            image = self.transform(load_image(path))                            # (3, S, S)
+            if r['id'] not in self.cached:
+                image = self.transform(load_image(path))                        # (3, S, S)
         except ValueError as e:
             if path not in self.warned:
                 self.warned.add(path)
@@ -185,7 +188,8 @@ def collate(batch):
         return None
     pad = torch.nn.utils.rnn.pad_sequence
     return dict(ids=[b['id'] for b in good], skipped=len(batch) - len(good),
-                image=torch.stack([b['image'] for b in good]),                            # (B, 3, S, S)
+                image=torch.stack(images) if (images := [b['image'] for b in good if b['image'] is not None]) else None,
+                has_image=[b['image'] is not None for b in good],  # all True unless train.py caches features
                 decoder_input_ids=pad([b['decoder_input_ids'] for b in good], batch_first=True, padding_value=0),
                 labels=pad([b['labels'] for b in good], batch_first=True, padding_value=-100),  # (B, T)
                 cond_labels=torch.stack([b['cond_labels'] for b in good]))                # (B, 14)

@@ -49,6 +49,7 @@ prompt = 'Findings:'          # decoder prefix; the loss ignores it
 max_len = 256                 # decoder tokens, prompt included
 uncertain = 'positive'        # uncertain CheXpert labels count as positive in the aux targets
 augment = True
+cache_features = False        # phase 1: keep SigLIP's outputs after the first epoch (turns augmentation off)
 num_workers = 2
 # model
 model_size = 'base'           # 'base': the pretrained backbones below; 'tiny': small random ones (phantom)
@@ -127,6 +128,13 @@ if dataset == 'phantom':
         phantom.ensure_phantom(data_dir)
     if ddp:
         torch.distributed.barrier()  # the others wait until rank 0 has written it
+if cache_features:
+    if phase != 1 or full_backbones:
+        raise ValueError("cache_features=True needs phase 1 with frozen backbones: in phases 2 and 3 "
+                         "SigLIP's outputs change as it trains (phase 3: its input augmentation does)")
+    # a cached feature is one fixed view of each image, so augmenting the first epoch would be wasted
+    log("cache_features: SigLIP's outputs are cached in the first epoch and reused; image augmentation is off")
+    augment = False
 tok = data.load_tokenizer(data_dir if dataset == 'phantom' else tokenizer)
 train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, prompt=prompt,
                                max_len=max_len, uncertain=uncertain)
@@ -167,6 +175,7 @@ class SeededSamples(torch.utils.data.Dataset):
 
 def batches(epoch, start=0):
     """This process's micro-batches of an epoch, from micro-batch `start` on."""
+    train_set.cached = set(feature_cache)  # images already encoded are not decoded again (workers fork below)
     return iter(torch.utils.data.DataLoader(
         SeededSamples(train_set), batch_size=batch_size, sampler=EpochSampler(len(train_set), epoch, start * batch_size),
         num_workers=num_workers, collate_fn=data.collate, pin_memory=device_type == 'cuda', drop_last=True))
@@ -246,8 +255,28 @@ def to_device(b):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
+# phase 1 feature cache: id -> (global (D,), patches (N, D)). Stored in float16 on the
+# host to halve the memory (IU X-ray at 384 px: about 2.4 GB).
+feature_cache = {}
+
+
+def cached_features(b):
+    """The frozen encoder's outputs for a batch: computed for the images it carries (ones
+    not seen before), read from the cache for the rest."""
+    if b['image'] is not None:
+        with torch.no_grad(), autocast:
+            g, p = raw_model.vision_features(b['image'])
+        new = [k for k, has in zip(b['ids'], b['has_image']) if has]
+        for i, k in enumerate(new):
+            feature_cache[k] = (g[i].half().cpu(), p[i].half().cpu())
+    g, p = zip(*(feature_cache[k] for k in b['ids']))
+    return torch.stack(g).to(device).float(), torch.stack(p).to(device).float()  # (B, D), (B, N, D)
+
+
 def compute_loss(m, b):
-    out = m(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'], label_smoothing=label_smoothing)
+    features = cached_features(b) if cache_features else None
+    out = m(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'], label_smoothing=label_smoothing,
+            features=features)
     return lambda_gen * out['loss_gen'] + lambda_aux * out['loss_aux'], out
 
 
@@ -354,7 +383,7 @@ while iter_num < max_iters and not stop_requested:
                 epoch, batch_in_epoch = epoch + 1, 0
                 train_iter = batches(epoch)
         b = to_device(b)
-        if 0 <= iter_num - debug_nan_iter < debug_nan_steps:
+        if 0 <= iter_num - debug_nan_iter < debug_nan_steps and b['image'] is not None:
             b['image'] = b['image'] * float('nan')
         samples_seen += len(b['ids'])
         # gradients are synced across processes only on the last micro-step

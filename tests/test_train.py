@@ -126,3 +126,26 @@ def test_too_many_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(phant
     model, meta = load_checkpoint(f'{out}/ckpt.safetensors')
     assert meta['iter_num'] == 4  # evaluated after the first skipped step (iter 3), before the stop at 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_phase1_feature_cache_matches_the_uncached_run(phantom_dir, tmp_path):
+    """12 iterations per epoch: the second epoch reads every feature from the cache."""
+    args = dict(phase=1, full_backbones=False, max_iters=24, sample_reports=0)
+    a, b = str(tmp_path / 'cached'), str(tmp_path / 'plain')
+    r = run_script(*tiny_train_args(phantom_dir, a, cache_features=True, **args))
+    assert 'image augmentation is off' in r.stdout
+    run_script(*tiny_train_args(phantom_dir, b, augment=False, **args))
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == list(range(1, 25))
+    for it in la:  # equal up to the float16 storage of the features
+        assert abs(la[it] - lb[it]) <= 2e-3 * lb[it], (it, la[it], lb[it])
+    r = run_script(*tiny_train_args(phantom_dir, a, cache_features=True, phase=2), check=False)
+    assert r.returncode != 0 and 'cache_features=True needs phase 1' in r.stderr
+
+
+def test_cached_samples_are_not_decoded(phantom_dir):
+    import data
+    ds = data.ReportDataset(phantom_dir, 'train', data.load_tokenizer(phantom_dir), 64)
+    ds.cached = {ds.records[1]['id']}
+    b = data.collate([ds[0], ds[1], ds[2]])
+    assert b['has_image'] == [True, False, True] and b['image'].shape[0] == 2 and len(b['ids']) == 3
