@@ -41,7 +41,7 @@ seed = 1337
 workers = os.cpu_count() or 1
 force = False  # regenerate even when data_dir already holds this exact set
 
-VERSION = 2    # bump whenever the output for a given seed changes
+VERSION = 3    # bump whenever the output for a given seed changes
 PAD = 0.15     # the canonical canvas reaches PAD beyond the image, so moving it shows no edges
 P_NORMAL, P_DEVICES, P_UNCERTAIN = 0.38, 0.12, 0.15
 # Relative frequency of each finding among abnormal studies. Lung Opacity is low
@@ -117,8 +117,8 @@ NEGATIONS = {  # group: [(sentence, conditions it negates)]
                           ("Heart size and mediastinal contours are within normal limits.", (CM, ECM)),
                           ("The cardiomediastinal silhouette is within normal limits.", (ECM,))],
     'mediastinum': [("The mediastinal contours are normal.", (ECM,))],
-    'clear': [("The lungs are clear.", ()), ("Lungs are clear bilaterally.", ()),
-              ("The lungs are well expanded and clear.", ())],
+    'clear': [("The lungs are clear.", ('Lung Opacity',)), ("Lungs are clear bilaterally.", ('Lung Opacity',)),
+              ("The lungs are well expanded and clear.", ('Lung Opacity',))],  # clear lungs: no opacity
     'lungs': [("No focal consolidation.", ('Consolidation',)), ("There is no focal airspace opacity.", ('Lung Opacity',)),
               ("No evidence of pneumonia.", ('Pneumonia',))],
     'edema': [("There is no pulmonary edema.", ('Edema',)), ("No pulmonary edema.", ('Edema',))],
