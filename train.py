@@ -9,7 +9,8 @@ Several GPUs (or CPU processes, with gloo) through torchrun:
     torchrun --standalone --nproc_per_node=4 train.py config/phase2.py
 
 Several nodes: on each node, with the master's address,
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=IP --master_port=29500 train.py config/phase2.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --master_addr=IP --master_port=29500 train.py \
+        config/phase2.py --batch_size=4 --gradient_accumulation_steps=8    # 4 x 1 x 8 processes = 32
 
 The phases (the methodology's tables, set by CheXQuery.set_phase):
  1. queries, cross-attention, fusion and aux head train; both backbones frozen
