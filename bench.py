@@ -197,8 +197,11 @@ def bench_training(model, dev, peak):
 
 
 def bench_generation(model, dev):
-    """Reports/s of beam search (4 beams) writing exactly gen_new_tokens tokens."""
+    """Reports/s of beam search (4 beams) writing exactly gen_new_tokens tokens, with LoRA
+    folded into the weights as sample.py and eval.py run it."""
+    import lora
     model.eval()
+    lora.merge_lora(model)
     out, t = {}, Timer(dev)
     for B in (1, 16):
         images = batch(model, B, dev)['images']
@@ -210,6 +213,7 @@ def bench_generation(model, dev):
         dt = t.now() - t0
         out[f'batch{B}'] = dict(seconds=dt, reports_per_s=B / dt, new_tokens=ids.shape[1] - 1)
     out['speedup_16_vs_1'] = out['batch16']['reports_per_s'] / out['batch1']['reports_per_s']
+    lora.unmerge_lora(model)
     return out
 
 

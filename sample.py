@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+import lora
+
 # -----------------------------------------------------------------------------
 out_dir = 'out'               # holds ckpt.safetensors
 ckpt = ''                     # a specific checkpoint file instead of out_dir/ckpt.safetensors
@@ -52,6 +54,7 @@ def load_model(out_dir, ckpt='', device='cpu'):
     import data
     from chexquery import load_checkpoint
     model, meta = load_checkpoint(ckpt or out_dir, device)
+    lora.merge_lora(model)  # inference only: B·A folded into W, so the adapters cost nothing per token
     cfg = meta['config']
     tok = data.load_tokenizer(cfg['data_dir'] if cfg['dataset'] == 'phantom' else cfg['tokenizer'])
     return model, tok, cfg

@@ -70,3 +70,24 @@ def test_json_and_attention_grids(tiny_run, phantom_dir, tmp_path):
 def test_missing_images_argument_is_a_clear_error(tiny_run, tmp_path):
     r = run_script('sample.py', f'--out_dir={tiny_run}', f'--images={tmp_path}/nothing', check=False)
     assert r.returncode != 0 and 'nothing' in r.stderr and 'no such file or directory' in r.stderr
+
+
+def test_load_model_folds_lora_into_the_weights(tiny_run):
+    """sample.py and eval.py generate from merged weights: the same outputs, no adapter cost."""
+    import torch
+    import lora
+    from chexquery import load_checkpoint
+    from sample import load_model
+    merged, _, _ = load_model(tiny_run)
+    plain, _ = load_checkpoint(tiny_run)
+    layers = lora.lora_layers(merged)
+    assert layers and all(layer.merged for layer in layers)
+    assert all(layer.lora_B.abs().sum() > 0 for layer in layers)  # trained adapters: merging changed W
+    S = merged.cfg.image_size
+    images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = merged.encode(images), plain.encode(images)
+    torch.testing.assert_close(a['visual_tokens'], b['visual_tokens'], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a['cond_logits'], b['cond_logits'], atol=1e-4, rtol=1e-4)
+    kw = dict(num_beams=2, min_length=5, max_length=30)
+    assert torch.equal(merged.generate(images, [0], **kw), plain.generate(images, [0], **kw))
