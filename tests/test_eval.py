@@ -40,8 +40,10 @@ def test_bleu_and_rouge_by_hand():
     b = ev.bleu([ref], [hyp])
     bp = math.exp(1 - 6 / 4)  # brevity penalty: 4 hypothesis words against 6
     assert b['bleu1'] == pytest.approx(bp) and b['bleu4'] == pytest.approx(bp)
-    b = ev.bleu([['a', 'b', 'c', 'd']], [['a', 'b', 'x', 'd']])
+    with pytest.warns(UserWarning, match=r'0 counts of [34]-gram'):  # nltk's own warning: no smoothing
+        b = ev.bleu([['a', 'b', 'c', 'd']], [['a', 'b', 'x', 'd']])
     assert b['bleu1'] == pytest.approx(0.75) and b['bleu2'] == pytest.approx(math.sqrt(0.75 * 1 / 3))
+    assert b['bleu3'] == pytest.approx(0, abs=1e-12) and b['bleu4'] == pytest.approx(0, abs=1e-12)
     # LCS 4 of 6 and of 4: P 1, R 2/3, F 0.8
     assert ev.rouge_l(['the heart is normal in size'], ['the heart is normal']) == pytest.approx(0.8)
 
