@@ -149,3 +149,11 @@ def test_cached_samples_are_not_decoded(phantom_dir):
     ds.cached = {ds.records[1]['id']}
     b = data.collate([ds[0], ds[1], ds[2]])
     assert b['has_image'] == [True, False, True] and b['image'].shape[0] == 2 and len(b['ids']) == 3
+
+
+def test_torchrun_accumulation_that_does_not_divide_stops_with_the_reason(phantom_dir, tmp_path):
+    args = tiny_train_args(phantom_dir, str(tmp_path / 'ddp'), max_iters=3, gradient_accumulation_steps=3)
+    r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args, check=False)
+    assert r.returncode != 0
+    assert 'gradient_accumulation_steps=3 must divide by the 2 processes' in r.stdout + r.stderr
+    assert not os.path.exists(tmp_path / 'ddp' / 'ckpt.safetensors')
