@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+import chexquery
 from chexquery import (CONDITIONS, FLAN_T5_BASE, SIGLIP_BASE_384, TINY_TEXT, TINY_VISION, CheXQuery,
                        CheXQueryConfig, load_checkpoint, load_weights, save_checkpoint, tiny_config)
 
@@ -48,6 +49,60 @@ def test_attention_path_equals_sdpa_path():
     a = m.encode(images, return_attention=True)
     b = m.encode(images)
     torch.testing.assert_close(a['visual_tokens'], b['visual_tokens'], atol=1e-5, rtol=1e-5)
+
+
+needs_onednn = pytest.mark.skipif(not chexquery.ONEDNN_LINEAR, reason='oneDNN linear is used on x86-64 only')
+
+
+@needs_onednn
+@pytest.mark.parametrize('shape,bias,weight_trains', [((5, 7), True, True), ((3, 5, 7), False, True),
+                                                      ((3, 5, 7), True, False), ((7,), True, True)])
+def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, weight_trains):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(7, 11, bias=bias)
+    layer.weight.requires_grad_(weight_trains)
+    x = torch.randn(*shape, requires_grad=True)
+    params = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
+    y_ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    dy = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, params, dy)
+    y = chexquery.linear(x, layer.weight, layer.bias)
+    assert y.grad_fn is not None and 'OneDNN' in type(y.grad_fn).__name__  # the oneDNN path ran
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(torch.autograd.grad(y, params, dy), grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_falls_back_to_f_linear_off_the_fp32_cpu_path():
+    w = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(chexquery.linear(x, w), torch.nn.functional.linear(x, w))  # oneDNN has no fp64
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast casts for F.linear, not for oneDNN
+        assert chexquery.linear(x.float(), w.float()).dtype == torch.bfloat16
+
+
+@needs_onednn
+def test_every_linear_of_the_model_runs_on_onednn_with_the_same_result(monkeypatch):
+    m = tiny()
+    m.set_phase(2, full_backbones=True)
+    assert not [n for n, mod in m.named_modules() if type(mod) is torch.nn.Linear]
+    assert sum(isinstance(mod, chexquery.OneDNNLinear) for mod in m.modules()) > 20
+    images, dec, labels, cond = batch()
+    m.eval()
+
+    def loss_and_grads():
+        m.zero_grad()
+        out = m(images, dec, labels, cond)
+        (out['loss_gen'] + out['loss_aux']).backward()
+        return out['loss_gen'], {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(chexquery, 'ONEDNN_LINEAR', False)
+    loss_ref, grads_ref = loss_and_grads()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 50
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
 def test_real_sizes_of_the_dimension_table():
