@@ -36,6 +36,7 @@ device = 'auto'
 out = 'bench.json'
 device_peak_tflops = 312.0    # projection target: A100 bf16 dense peak
 device_name = 'A100 bf16'
+onednn_linear = True          # False: PyTorch's own F.linear (MKL on x86 CPUs), for comparison
 iu_train_images = 0           # 0: 70% of IU X-ray's frontal images, counted from ../shared/iu_xray when present
 # -----------------------------------------------------------------------------
 SCHEDULE = ((1, 5), (2, 15), (3, 5))  # the methodology's (phase, epochs)
@@ -81,11 +82,11 @@ def matmul_peak(dev, n=2048, reps=10):
     """This machine's fp32 matmul FLOP/s, the denominator of the MFU-style ratio: the
     best of torch.matmul (MKL on x86 CPUs) and, on the CPU, oneDNN as chexquery.linear
     runs it. Both are returned, {path: FLOP/s}."""
-    from chexquery import ONEDNN_LINEAR, linear
+    import chexquery
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     paths = {'torch.matmul': lambda: a @ b}
-    if ONEDNN_LINEAR and dev == 'cpu':
-        paths['oneDNN'] = lambda: linear(a, b)
+    if chexquery.ONEDNN_LINEAR and dev == 'cpu':
+        paths['oneDNN'] = lambda: chexquery.linear(a, b)
     t, out = Timer(dev), {}
     for name, f in paths.items():
         f()
@@ -381,20 +382,22 @@ def report(r):
 
 def main():
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    peaks = matmul_peak(dev)
+    import chexquery
+    peaks = matmul_peak(dev)  # the machine's peak: with oneDNN wherever it is available
     peak = max(peaks.values())
+    chexquery.ONEDNN_LINEAR = chexquery.ONEDNN_LINEAR and onednn_linear
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                    cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), device=dev,
                    cuda=torch.cuda.get_device_name() if dev.startswith('cuda') else None,
-                   load_average=os.getloadavg(), matmul_peak_gflops=peak / 1e9,
+                   load_average=os.getloadavg(), matmul_peak_gflops=peak / 1e9, onednn_linear=chexquery.ONEDNN_LINEAR,
                    matmul_gflops={k: v / 1e9 for k, v in peaks.items()})
     print(f"{machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']} on {dev}; "
           f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s ("
-          + ', '.join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + f"); load average {machine['load_average'][0]:.2f}")
+          + ', '.join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + f"); linear layers on "
+          f"{'oneDNN' if chexquery.ONEDNN_LINEAR else 'F.linear'}; load average {machine['load_average'][0]:.2f}")
     results = dict(machine=machine, runs=[])
     with tempfile.TemporaryDirectory() as tmpdir:
-        # The data path first, in a process that has run no model yet, as a data worker is:
-        # measured after the real model's steps it read 114-129 samples/s instead of 171.
+        # The data path first, in a process that has run no model yet, as a data worker is.
         data_path = bench_data(tmpdir) if size in ('real', 'both') else None
         for which in (('tiny', 'real') if size == 'both' else (size,)):
             r = run(which, dev, peak, data_path)
