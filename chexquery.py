@@ -116,9 +116,9 @@ def _from_pretrained(cls, name, what, config_key):
 #
 # PyTorch's x86 builds send fp32 GEMMs to MKL, which runs its AVX2 code on AMD
 # CPUs; oneDNN, also inside PyTorch, uses AVX-512 there. On the 2-core EPYC this
-# was measured on, that is 2-2.6x faster for every linear shape in this model
-# (bench.py measures both peaks), at fp32 precision (differences ~1e-6, the
-# rounding of a different summation order). Every nn.Linear becomes a
+# was measured on, the model's linear shapes timed one by one ran 1.3-3.5x faster,
+# most about 2x (bench.py measures both peaks), at fp32 precision (differences
+# ~1e-6, the rounding of a different summation order). Every nn.Linear becomes a
 # OneDNNLinear: same weights and state_dict, a different kernel on the CPU.
 
 ONEDNN_LINEAR = (platform.machine().lower() in ('x86_64', 'amd64') and torch.backends.mkldnn.is_available()
