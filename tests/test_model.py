@@ -215,6 +215,21 @@ def test_generate_keeps_prompt_and_respects_length_and_beams():
     assert beams.shape[0] == 6 and beams.shape[1] <= 8
 
 
+def test_generate_skips_only_the_redundant_cross_attention_reorder():
+    """generate reorders the self-attention cache alone; Hugging Face's own cache, which
+    also reorders the cross-attention keys and values, gives the same beams."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    m = tiny().eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, S, S, generator=g)
+    kw = dict(num_beams=4, num_return_sequences=4, no_repeat_ngram_size=0, min_length=24, max_length=24,
+              output_scores=True, return_dict_in_generate=True)
+    ours = m.generate(images, [0], **kw)
+    theirs = m.generate(images, [0], past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()), **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores)
+
+
 def test_bad_images_name_the_expected_shape():
     m = tiny()
     for bad in (torch.randn(2, 1, S, S), torch.randn(2, 3, S + 1, S), torch.randn(3, S, S)):
