@@ -333,12 +333,12 @@ def targets(r):
     return rows
 
 
-def run(which, dev, peak, data_path):
+def run(which, dev, peak, data_speed):
     t0 = time.time()
     model = build(which, dev)
     r = dict(size=which, params=sum(p.numel() for p in model.parameters()), batch_size=batch_size, seq_len=seq_len)
     if which == 'real':
-        r['data'] = data_path
+        r['data'] = data_speed
     r['training'] = bench_training(model, dev, peak)
     r['generation'] = bench_generation(model, dev)
     n = iu_train_count()
@@ -398,9 +398,9 @@ def main():
     results = dict(machine=machine, runs=[])
     with tempfile.TemporaryDirectory() as tmpdir:
         # The data path first, in a process that has run no model yet, as a data worker is.
-        data_path = bench_data(tmpdir) if size in ('real', 'both') else None
+        data_speed = bench_data(tmpdir) if size in ('real', 'both') else None
         for which in (('tiny', 'real') if size == 'both' else (size,)):
-            r = run(which, dev, peak, data_path)
+            r = run(which, dev, peak, data_speed)
             report(r)
             results['runs'].append(r)
     with open(out, 'w') as f:
