@@ -383,6 +383,8 @@ def report(r):
 def main():
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     import chexquery
+    if dev == 'cpu':
+        chexquery.keep_freed_memory()  # as train.py and sample.py do
     peaks = matmul_peak(dev)  # the machine's peak: with oneDNN wherever it is available
     peak = max(peaks.values())
     chexquery.ONEDNN_LINEAR = chexquery.ONEDNN_LINEAR and onednn_linear

@@ -52,7 +52,9 @@ def list_images(path):
 def load_model(out_dir, ckpt='', device='cpu'):
     """(model, tokenizer, run config) of a training run's checkpoint."""
     import data
-    from chexquery import load_checkpoint
+    from chexquery import keep_freed_memory, load_checkpoint
+    if device == 'cpu':
+        keep_freed_memory()  # big activations (SigLIP's at batch 16) reuse freed pages
     model, meta = load_checkpoint(ckpt or out_dir, device)
     lora.merge_lora(model)  # inference only: B·A folded into W, so the adapters cost nothing per token
     cfg = meta['config']

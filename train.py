@@ -90,7 +90,8 @@ from configurator import configure  # noqa: E402
 config = configure(globals(), sys.argv[1:])
 
 import data  # noqa: E402
-from chexquery import CONDITIONS, CheXQuery, CheXQueryConfig, load_weights, read_checkpoint, save_checkpoint, tiny_config  # noqa: E402
+from chexquery import (CheXQuery, CheXQueryConfig, keep_freed_memory, load_weights, read_checkpoint,  # noqa: E402
+                       save_checkpoint, tiny_config)
 
 # distributed setup -------------------------------------------------------------
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -110,6 +111,8 @@ if gradient_accumulation_steps % world_size:
                      f"{world_size} processes, so the effective batch stays the same")
 accum = gradient_accumulation_steps // world_size
 device_type = device.split(':')[0]
+if device_type == 'cpu':
+    keep_freed_memory()  # big activations reuse freed pages instead of faulting fresh ones in
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]

@@ -105,6 +105,35 @@ def test_every_linear_of_the_model_runs_on_onednn_with_the_same_result(monkeypat
         torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
+FAULTS_OF_A_REUSED_64MB_TENSOR = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import chexquery
+kept = chexquery.keep_freed_memory() if {keep} else None
+for _ in range(3):                                 # 64 MB, allocated and freed: warms the heap up
+    x = torch.ones(2**24); del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(2**24)                              # once more: are the freed pages still mapped?
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, 'confstr') or not os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'),
+                    reason="mallopt is glibc's")
+def test_keep_freed_memory_reuses_pages_of_big_tensors():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {}
+    for keep in (False, True):
+        out = subprocess.run([sys.executable, '-c', FAULTS_OF_A_REUSED_64MB_TENSOR.format(root=root, keep=keep)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        faults[keep] = int(out[1])
+        assert out[0] == ('True' if keep else 'None')
+    assert faults[False] > 10_000   # glibc's default: 64 MB freshly mapped, 16k pages of 4 kB faulted in
+    assert faults[True] < 1_000     # kept: the freed block is reused
+
+
 def test_real_sizes_of_the_dimension_table():
     torch.manual_seed(0)
     m = CheXQuery(CheXQueryConfig(vision_config=SIGLIP_BASE_384, text_config=FLAN_T5_BASE, query_init='random'))
@@ -225,7 +254,8 @@ def test_generate_skips_only_the_redundant_cross_attention_reorder():
     kw = dict(num_beams=4, num_return_sequences=4, no_repeat_ngram_size=0, min_length=24, max_length=24,
               output_scores=True, return_dict_in_generate=True)
     ours = m.generate(images, [0], **kw)
-    theirs = m.generate(images, [0], past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()), **kw)
+    hf_cache = {chexquery.GENERATE_CACHE_KWARG: EncoderDecoderCache(DynamicCache(), DynamicCache())}
+    theirs = m.generate(images, [0], **hf_cache, **kw)
     assert torch.equal(ours.sequences, theirs.sequences)
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores)
 
