@@ -509,7 +509,8 @@ class CheXQuery(nn.Module):
         return self.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual_tokens),
                                 decoder_input_ids=prompt_ids, num_beams=num_beams,
                                 no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
-                                early_stopping=early_stopping, min_length=min_length,
+                                early_stopping=early_stopping if num_beams > 1 else False,  # beams only
+                                min_length=min_length,
                                 max_length=max_length, **kwargs)
 
     # --- reporting and checkpoints ---------------------------------------------

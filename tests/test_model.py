@@ -244,6 +244,17 @@ def test_generate_keeps_prompt_and_respects_length_and_beams():
     assert beams.shape[0] == 6 and beams.shape[1] <= 8
 
 
+def test_greedy_generate_sets_no_beam_only_flag(monkeypatch):
+    """train.py samples greedily: early_stopping (a beam-search flag) must not be passed then,
+    or transformers warns that it is invalid."""
+    from transformers.generation import configuration_utils
+    said = []
+    monkeypatch.setattr(configuration_utils.logger, 'warning_once', lambda msg, *a, **k: said.append(msg))
+    m = tiny().eval()
+    m.generate(batch()[0], [0], num_beams=1, min_length=1, max_length=6)
+    assert not [msg for msg in said if 'not valid' in msg], said
+
+
 def test_generate_skips_only_the_redundant_cross_attention_reorder():
     """generate reorders the self-attention cache alone; Hugging Face's own cache, which
     also reorders the cross-attention keys and values, gives the same beams."""
