@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -110,11 +111,6 @@ def _from_pretrained(cls, name, what, config_key):
             f"If you are offline or the hub is unreachable, download it where you have network "
             f"(e.g. `hf download {name} --local-dir DIR`) and pass {config_key}=DIR, or give "
             f"{config_key.replace('_model', '_config')} to build it with random weights.") from None
-
-
-# transformers 5.24 renamed generate's past_key_values to cache (the old name warns)
-GENERATE_CACHE_KWARG = ('cache' if tuple(int(v) for v in transformers.__version__.split('.')[:2]) >= (5, 24)
-                        else 'past_key_values')
 
 
 # -----------------------------------------------------------------------------
@@ -370,6 +366,16 @@ def build_decoder(cfg):
     lora.inject_lora(t5.decoder, cfg.text_lora_targets, cfg.text_lora_r,
                      cfg.text_lora_alpha, cfg.text_lora_dropout)
     return t5
+
+
+def generate_cache_kwarg(version):
+    """generate's name for the cache: transformers 5.24 renamed past_key_values to cache
+    (the old name warns). Only the leading major.minor is read, so '5.26rc1' parses."""
+    major_minor = tuple(map(int, re.match(r'(\d+)\.(\d+)', version).groups()))
+    return 'cache' if major_minor >= (5, 24) else 'past_key_values'
+
+
+GENERATE_CACHE_KWARG = generate_cache_kwarg(transformers.__version__)
 
 
 # -----------------------------------------------------------------------------

@@ -255,6 +255,11 @@ def test_greedy_generate_sets_no_beam_only_flag(monkeypatch):
     assert not [msg for msg in said if 'not valid' in msg], said
 
 
+def test_generate_cache_kwarg_follows_the_transformers_rename():
+    assert [chexquery.generate_cache_kwarg(v) for v in ('5.0.0', '5.23.0', '5.24.0', '5.26rc1', '5.24.0.dev0', '6.1')] \
+        == ['past_key_values', 'past_key_values', 'cache', 'cache', 'cache', 'cache']
+
+
 def test_generate_skips_only_the_redundant_cross_attention_reorder():
     """generate reorders the self-attention cache alone; Hugging Face's own cache, which
     also reorders the cross-attention keys and values, gives the same beams."""
