@@ -15,7 +15,6 @@ Measures what users of CheXQuery care about, at the real size (SigLIP-base-patch
 5. the projected wall time of the methodology's three-phase schedule on IU X-ray
 Targets are shown as met or missed. This is a measurement, never a timed test.
 """
-import ctypes
 import json
 import os
 import platform
@@ -62,10 +61,10 @@ def reset_peak_memory(dev):
     if dev.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         return
-    try:  # glibc: hand freed pages back first, or keep_freed_memory carries the last peak over
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    from chexquery import glibc
+    libc = glibc()
+    if libc is not None:  # hand freed pages back first, or keep_freed_memory carries the last peak over
+        libc.malloc_trim(0)
     try:  # Linux: writing 5 resets the peak resident set size (VmHWM)
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
@@ -130,8 +129,9 @@ def forward_flops(model, T):
     d, inner, L = tc.d_model, tc.num_heads * tc.d_kv, tc.num_decoder_layers
     ffn = (3 if tc.is_gated_act else 2) * d * tc.d_ff
     f['self_attn'] = 2 * T * 4 * d * inner + 2 * 2 * T * T * inner
-    f['dec'] = L * (f['self_attn'] + 2 * T * 2 * d * inner + 2 * 11 * 2 * d * inner + 2 * 2 * T * 11 * inner
-                    + 2 * T * ffn) + 2 * T * d * tc.vocab_size
+    f['cross_kv'] = L * 2 * 11 * 2 * d * inner  # keys and values of the 11 visual tokens
+    f['dec'] = L * (f['self_attn'] + 2 * T * 2 * d * inner + 2 * 2 * T * 11 * inner + 2 * T * ffn) \
+        + f['cross_kv'] + 2 * T * d * tc.vocab_size
     f['dec_lora'] = L * 2 * 4 * 2 * r_t * (T * (d + inner) // 2) + L * 2 * 2 * r_t * 11 * (d + inner)
     return f
 
@@ -159,13 +159,12 @@ def generation_flops_per_report(model, beams, new_tokens):
     then each of the beams decodes new_tokens one at a time over its growing cache (the
     prompt's start token first). The same for every batch size: batching shares no work."""
     f, tc = forward_flops(model, 1), model.t5.config
-    d, inner, L = tc.d_model, tc.num_heads * tc.d_kv, tc.num_decoder_layers
+    inner, L = tc.num_heads * tc.d_kv, tc.num_decoder_layers
     encode = f['embed'] + f['layers'] + f['head'] + f['new']
-    cross_kv = L * 2 * 11 * 2 * d * inner                 # once per hypothesis
-    per_token = f['dec'] - L * (2 * 11 * 2 * d * inner + 2 * 2 * inner)  # without the cross k/v and 1x1 scores
+    per_token = f['dec'] - f['cross_kv'] - L * 2 * 2 * inner  # cross k/v: once per hypothesis; 1x1 scores: below
     # token t (1-based) attends over t cached positions: 2 * 2 * t * inner per layer
     attention = L * 2 * 2 * inner * new_tokens * (new_tokens + 1) // 2
-    return encode + beams * (cross_kv + new_tokens * per_token + attention)
+    return encode + beams * (f['cross_kv'] + new_tokens * per_token + attention)
 
 
 def schedule_flops(model, n_train):
@@ -224,23 +223,16 @@ def train_step(model, phase, B, dev, from_features=False):
 
 def bench_training(model, dev, peak):
     rows = {}
-    for phase in (1, 2, 3):
+    for name, phase, cached in (('phase1', 1, False), ('phase2', 2, False), ('phase3', 3, False),
+                                ('phase1_cached', 1, True)):
         reset_peak_memory(dev)
-        fwd, bwd, opt = train_step(model, phase, batch_size, dev)
-        f, b = flops_per_image(model, seq_len, phase)
+        fwd, bwd, opt = train_step(model, phase, batch_size, dev, from_features=cached)
+        f, b = flops_per_image(model, seq_len, phase, cached)
         step = fwd + bwd + opt
-        rows[f'phase{phase}'] = dict(forward_s=fwd, backward_s=bwd, optimizer_s=opt, step_s=step,
-                                     images_per_s=batch_size / step, flops_per_image=f + b,
-                                     achieved_gflops=(f + b) * batch_size / step / 1e9,
-                                     mfu=(f + b) * batch_size / step / peak, peak_memory_mb=peak_memory_mb(dev))
-    reset_peak_memory(dev)
-    fwd, bwd, opt = train_step(model, 1, batch_size, dev, from_features=True)
-    f, b = flops_per_image(model, seq_len, 1, cached=True)
-    step = fwd + bwd + opt
-    rows['phase1_cached'] = dict(forward_s=fwd, backward_s=bwd, optimizer_s=opt, step_s=step,
-                                 images_per_s=batch_size / step, flops_per_image=f + b,
-                                 achieved_gflops=(f + b) * batch_size / step / 1e9,
-                                 mfu=(f + b) * batch_size / step / peak, peak_memory_mb=peak_memory_mb(dev))
+        rows[name] = dict(forward_s=fwd, backward_s=bwd, optimizer_s=opt, step_s=step,
+                          images_per_s=batch_size / step, flops_per_image=f + b,
+                          achieved_gflops=(f + b) * batch_size / step / 1e9,
+                          mfu=(f + b) * batch_size / step / peak, peak_memory_mb=peak_memory_mb(dev))
     return rows
 
 
@@ -251,6 +243,7 @@ def bench_generation(model, dev):
     model.eval()
     lora.merge_lora(model)
     out, t = {}, Timer(dev)
+    flops = generation_flops_per_report(model, 4, gen_new_tokens)  # per report, at any batch size
     for B in (1, 16):
         images = batch(model, B, dev)['images']
         n = gen_new_tokens + 1  # the start token, then exactly gen_new_tokens new ones
@@ -261,7 +254,6 @@ def bench_generation(model, dev):
             t0 = t.now()
             ids = model.generate(images, [0], **kw)
             dt = min(dt, t.now() - t0)
-        flops = generation_flops_per_report(model, 4, gen_new_tokens)
         out[f'batch{B}'] = dict(seconds=dt, reports_per_s=B / dt, new_tokens=ids.shape[1] - 1,
                                 flops_per_report=flops, achieved_gflops=flops * B / dt / 1e9)
     out['speedup_16_vs_1'] = out['batch16']['reports_per_s'] / out['batch1']['reports_per_s']

@@ -175,6 +175,18 @@ def use_onednn_linears(model):
     return model
 
 
+def glibc():
+    """The C library through ctypes when it is glibc (Linux), else None: mallopt and
+    malloc_trim, which keep_freed_memory and bench.py call, are glibc's."""
+    import ctypes
+    try:
+        if os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'):
+            return ctypes.CDLL(None)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return None
+
+
 def keep_freed_memory():
     """Makes glibc keep freed memory in the process for the next tensors. Returns
     whether it could (Linux with glibc), for the CPU entry points to call once.
@@ -187,12 +199,8 @@ def keep_freed_memory():
     step at batch 8 8.5 s instead of 9.7 (phase 2 was unchanged within noise). The
     price: a peak resident size ~4% higher, kept until the process exits, as a GPU
     caching allocator keeps its blocks."""
-    import ctypes
-    try:
-        if not os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'):
-            return False
-        libc = ctypes.CDLL(None)
-    except (ValueError, OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import chexquery
 from chexquery import CheXQuery, tiny_config
 from conftest import run_script
 
@@ -47,8 +48,8 @@ print(bench.peak_memory_mb('cpu'))
 """
 
 
-@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs') or not hasattr(os, 'confstr')
-                    or not os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'), reason='Linux and glibc')
+@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs') or chexquery.glibc() is None,
+                    reason='Linux and glibc')
 def test_peak_memory_of_a_phase_excludes_memory_freed_before_it():
     """Each phase's peak RSS is its own, though train.py's keep_freed_memory keeps freed pages."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,6 @@ def test_targets_show_the_flop_ratio_beside_each_speed_ratio():
 @pytest.mark.parametrize('phase,cached', [(1, False), (2, False), (3, False), (1, True)])
 def test_analytic_flops_agree_with_torch_flop_counter(phase, cached, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
-    import chexquery
     monkeypatch.setattr(chexquery, 'ONEDNN_LINEAR', False)  # the counter knows aten's matmuls, not oneDNN's op
     torch.manual_seed(0)
     m = CheXQuery(tiny_config())
@@ -101,7 +101,6 @@ def test_generation_flops_agree_with_torch_flop_counter(monkeypatch):
     """The FLOPs per report beside the generation target: encoding once, then 4 beams
     decoding 128 tokens over a growing cache, counted for 3 images by torch's counter."""
     from torch.utils.flop_counter import FlopCounterMode
-    import chexquery
     import lora
     monkeypatch.setattr(chexquery, 'ONEDNN_LINEAR', False)
     torch.manual_seed(0)

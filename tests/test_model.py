@@ -118,8 +118,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not hasattr(os, 'confstr') or not os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'),
-                    reason="mallopt is glibc's")
+@pytest.mark.skipif(chexquery.glibc() is None, reason="mallopt is glibc's")
 def test_keep_freed_memory_reuses_pages_of_big_tensors():
     import subprocess
     import sys
