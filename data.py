@@ -24,7 +24,7 @@ from multiprocessing import Pool
 import torch
 from PIL import Image, ImageFile
 
-from chexquery import CONDITIONS
+from chexpert import CONDITIONS
 
 # -----------------------------------------------------------------------------
 dataset = 'phantom'           # 'phantom' | 'iu_xray' | 'mimic_cxr'
@@ -152,7 +152,7 @@ class ReportDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_dir, split, tokenizer, image_size, train=False, prompt='Findings:',
                  max_len=256, uncertain='positive'):
-        from labeler import binarize
+        from chexpert import binarize
         self.data_dir, self.records = data_dir, read_split(data_dir, split)
         self.transform = train_transform(image_size) if train else eval_transform(image_size)
         self.tokens = [encode_report(tokenizer, prompt, r['report'], max_len) for r in self.records]
@@ -289,7 +289,7 @@ def write_prepared(out_dir, splits, manifest, jobs, n_workers):
 def iu_records(reports_csv, projections_csv, seed=1337):
     """Cleaned frontal-image records of IU X-ray with their split, before any image is touched.
     Returns ({split: [record]}, Counter of dropped reasons)."""
-    from labeler import label_report
+    from chexpert import label_report
     reports = read_csv(reports_csv, IU_REPORT_COLUMNS)
     projections = read_csv(projections_csv, IU_PROJECTION_COLUMNS)
     frontal = {}

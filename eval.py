@@ -28,7 +28,7 @@ from collections import Counter
 
 import numpy as np
 
-from chexquery import CONDITIONS, REGIONS
+from chexpert import CONDITIONS, REGIONS
 
 # -----------------------------------------------------------------------------
 out_dir = ''                  # a training run: generate for `split` with its ckpt.safetensors
@@ -229,7 +229,7 @@ def clinical_scores(true, pred):
 
 
 def clinical_metrics(refs, hyps, label):
-    from labeler import binarize
+    from chexpert import binarize
     true = [binarize(x, uncertain) for x in label(refs)]
     pred = [binarize(x, uncertain) for x in label(hyps)]
     return dict(clinical_scores(true, pred), uncertain_policy=f"uncertain counted as {uncertain}")
@@ -393,7 +393,7 @@ def read_predictions(path):
 # --- scoring and reporting ----------------------------------------------------------------------
 def score(records, train_dir=''):
     """Every metric of a list of prediction records, baselines included when train_dir is given."""
-    from labeler import make_labeler
+    from chexpert import make_labeler
     label = make_labeler(chexbert=chexbert or None, bert=bert or None)
     refs, hyps = [r['reference'] for r in records], [r['hypothesis'] for r in records]
     systems = {'model': hyps}
@@ -402,7 +402,7 @@ def score(records, train_dir=''):
     out = {name: dict(nlg=nlg_metrics(refs, h), clinical=clinical_metrics(refs, h, label)) for name, h in systems.items()}
     metrics = dict(n=len(records), labeler='CheXbert' if chexbert else 'rule-based', systems=out)
     if all('probabilities' in r and 'labels' in r for r in records):
-        from labeler import binarize
+        from chexpert import binarize
         targets = np.array([binarize(r['labels'], uncertain) for r in records])
         probs = np.array([r['probabilities'] for r in records])
         aucs = auc_per_condition(targets, probs)
@@ -488,7 +488,7 @@ def main():
     with open(target + '.txt', 'w') as f:
         f.write(text + '\n')
     if 'aux_auc' in metrics:
-        from labeler import binarize
+        from chexpert import binarize
         roc_png([binarize(r['labels'], uncertain) for r in records], [r['probabilities'] for r in records],
                 target + '_roc.png')
     print(f"wrote {target}.json, {target}.txt" + (f", {target}_roc.png" if 'aux_auc' in metrics else ''))

@@ -28,7 +28,7 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from chexquery import CONDITIONS, REGIONS
+from chexpert import CONDITIONS, REGIONS
 
 # -----------------------------------------------------------------------------
 # CLI defaults (python phantom.py --key=value)

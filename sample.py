@@ -79,7 +79,7 @@ def attention_grid(image, attention, gate, title, cell=160):
     """A 5 x 4 PNG grid: the X-ray with each query's attention map (N patches) laid over it."""
     import numpy as np
     from PIL import Image, ImageDraw
-    from chexquery import CONDITIONS, REGIONS
+    from chexpert import CONDITIONS, REGIONS
     names = list(CONDITIONS) + [f"region: {r}" for r in REGIONS]
     g = int(round(attention.shape[-1] ** 0.5))
     base = np.asarray(image.convert('L').resize((cell, cell)), dtype=np.float32)[..., None] / 255
@@ -110,7 +110,7 @@ def main():
     autocast = torch.autocast(dev.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
     if attention_dir:
         os.makedirs(attention_dir, exist_ok=True)
-    from chexquery import CONDITIONS
+    from chexpert import CONDITIONS
     failed = 0
     files = list_images(images)
     for start in range(0, len(files), batch_size):

@@ -18,6 +18,14 @@ def phantom_dir(tmp_path_factory):
     return d
 
 
+# The real IU X-ray report tables (no images), for the tests that read real report text.
+# Point CHEXQUERY_IU_TABLES at a folder holding indiana_reports.csv and indiana_projections.csv;
+# without it those tests skip.
+IU_TABLES = os.environ.get('CHEXQUERY_IU_TABLES', '')
+needs_iu_tables = pytest.mark.skipif(not os.path.isfile(os.path.join(IU_TABLES, 'indiana_reports.csv')),
+                                     reason='set CHEXQUERY_IU_TABLES to the IU X-ray report tables to run this')
+
+
 def run_script(*args, check=True, timeout=600):
     """Runs `python <script> args...` from the project root, offline; returns the CompletedProcess."""
     import subprocess

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import data
-from chexquery import CONDITIONS
+from chexpert import CONDITIONS
+from conftest import IU_TABLES, needs_iu_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_IU = os.path.join(ROOT, '..', 'shared', 'iu_xray')
 
 
 # --- text and split ------------------------------------------------------------------
@@ -116,11 +116,10 @@ def test_prepare_iu_fixture(tmp_path, capsys):
     assert os.path.getmtime(out / r1['image']) == before
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_IU, 'indiana_reports.csv')),
-                    reason='the real IU X-ray tables (../shared/iu_xray) are not here')
+@needs_iu_tables
 def test_real_iu_tables():
-    splits, dropped = data.iu_records(os.path.join(SHARED_IU, 'indiana_reports.csv'),
-                                      os.path.join(SHARED_IU, 'indiana_projections.csv'))
+    splits, dropped = data.iu_records(os.path.join(IU_TABLES, 'indiana_reports.csv'),
+                                      os.path.join(IU_TABLES, 'indiana_projections.csv'))
     counts = {k: len(v) for k, v in splits.items()}
     patients = {k: {r['uid'] for r in v} for k, v in splits.items()}
     print(f"\nIU X-ray: images {counts}, patients { {k: len(v) for k, v in patients.items()} }, dropped {dict(dropped)}")
@@ -294,7 +293,7 @@ def test_load_tokenizer_offline_hub_name_says_how_to_fix():
 
 
 def test_dataset_items_and_batches(phantom_dir, tok):
-    from labeler import binarize
+    from chexpert import binarize
     ds = data.ReportDataset(phantom_dir, 'train', tok, 64, train=True)
     item = ds[3]
     assert item['image'].shape == (3, 64, 64) and item['cond_labels'].shape == (14,)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import eval as ev
-from chexquery import CONDITIONS, REGIONS
+from chexpert import CONDITIONS, REGIONS
 from conftest import run_script
 
 
@@ -90,7 +90,7 @@ def test_clinical_scores_on_crafted_labels():
 
 
 def test_clinical_metrics_run_the_labeler_on_both_sides():
-    from labeler import make_labeler
+    from chexpert import make_labeler
     refs = ['Small left pleural effusion. Heart size is normal.', 'Moderate cardiomegaly.']
     hyps = ['Small left pleural effusion. Heart size is normal.', 'The heart is normal in size.']
     m = ev.clinical_metrics(refs, hyps, make_labeler())

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from chexquery import CONDITIONS
+from chexpert import CONDITIONS
 from conftest import run_script
 
 

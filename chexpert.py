@@ -1,9 +1,10 @@
 """
-A rule-based report labeler in the manner of the CheXpert labeler: it reads a radiology
-report and says, for each of the 14 CheXpert observations, positive (1), negative (0),
-uncertain (-1) or not mentioned (None).
+The 14 CheXpert observations, the 6 anatomical regions, and a rule-based report
+labeler in the manner of the CheXpert labeler: it reads a radiology report and says,
+for each observation, positive (1), negative (0), uncertain (-1) or not mentioned (None).
+Plain Python: importing it loads no torch (the phantom generator and the metrics use it).
 
-    python labeler.py --reports=../shared/iu_xray/indiana_reports.csv   # agreement with IU's MeSH/Problems
+    python chexpert.py --reports=RAW/indiana_reports.csv   # agreement with IU X-ray's MeSH/Problems
 
 How it works, per sentence and clause:
 1. mention: a phrase of the condition ('pleural effusion', 'effusions', 'nodular opacity'),
@@ -29,10 +30,20 @@ import csv
 import re
 import sys
 
-from chexquery import CONDITIONS
+# The 14 CheXpert observations, in the CheXpert labeler's order. The condition
+# queries, the auxiliary head's logits and every label vector use this order.
+CONDITIONS = (
+    'No Finding', 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Lung Opacity',
+    'Lung Lesion', 'Edema', 'Consolidation', 'Pneumonia', 'Atelectasis',
+    'Pneumothorax', 'Pleural Effusion', 'Pleural Other', 'Fracture', 'Support Devices',
+)
+# The five most common, over which papers also report clinical F1.
+COMMON5 = ('Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Pleural Effusion')
+# One anatomical query per region, in this order.
+REGIONS = ('cardiac', 'left lung', 'right lung', 'mediastinum', 'diaphragm', 'spine')
 
 # -----------------------------------------------------------------------------
-reports = '../shared/iu_xray/indiana_reports.csv'  # the CLI's IU X-ray table
+reports = ''                  # the CLI: IU X-ray's indiana_reports.csv
 # -----------------------------------------------------------------------------
 
 # Mention phrases (regexes on lowercased text). Order inside a list does not matter.
@@ -265,4 +276,6 @@ def print_agreement(path):
 if __name__ == '__main__':
     from configurator import configure
     configure(globals(), sys.argv[1:])
+    if not reports:
+        sys.exit("give --reports=PATH/indiana_reports.csv (IU X-ray's report table)")
     print_agreement(reports)

@@ -1,4 +1,4 @@
-"""labeler.py: negation, uncertainty, lists and laterality on hand-written sentences;
+"""chexpert.py's labeler: negation, uncertainty, lists and laterality on hand-written sentences;
 CheXpert's No Finding and aggregation rules; binarize policies; the CheXbert loader on a
 random checkpoint of the real layout; agreement with the real IU X-ray MeSH column."""
 import os
@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-import labeler
-from chexquery import CONDITIONS
+import chexpert as labeler
+from chexpert import CONDITIONS
+from conftest import IU_TABLES, needs_iu_tables
 
 C = {c: i for i, c in enumerate(CONDITIONS)}
-IU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'iu_xray',
-                  'indiana_reports.csv')
+IU = os.path.join(IU_TABLES, 'indiana_reports.csv')
 
 
 def lab(text, *conds):
@@ -137,7 +137,7 @@ def test_chexbert_bad_checkpoint_names_the_file_and_keys(tmp_path):
         labeler.make_labeler(kind='chexbert')
 
 
-@pytest.mark.skipif(not os.path.exists(IU), reason='the real IU X-ray tables (../shared/iu_xray) are not here')
+@needs_iu_tables
 def test_agreement_with_the_real_iu_mesh_terms(capsys):
     labeler.print_agreement(IU)
     print(capsys.readouterr().out)  # shown with pytest -s
