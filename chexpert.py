@@ -199,12 +199,8 @@ def load_chexbert(checkpoint, bert):
     model.linear_heads = torch.nn.ModuleList([torch.nn.Linear(cfg.hidden_size, 4) for _ in range(13)] +
                                              [torch.nn.Linear(cfg.hidden_size, 2)])
     state = {k: v for k, v in state.items() if not k.startswith('bert.pooler.')}  # unused by the heads
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{checkpoint} is not a CheXbert checkpoint for {bert}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
+    import lora
+    lora.check_state_dict(model.state_dict(), state, f"{checkpoint} (a CheXbert checkpoint for {bert}?)")
     model.load_state_dict(state)
     return model.eval(), AutoTokenizer.from_pretrained(bert)
 

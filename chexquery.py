@@ -17,14 +17,11 @@ tokens take the place of its output, so it is deleted.
 import json
 import math
 import os
-import platform
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import transformers
 
 import lora
 from chexpert import CONDITIONS
@@ -103,99 +100,6 @@ def _from_pretrained(cls, name, what, config_key):
             f"If you are offline or the hub is unreachable, download it where you have network "
             f"(e.g. `hf download {name} --local-dir DIR`) and pass {config_key}=DIR, or give "
             f"{config_key.replace('_model', '_config')} to build it with random weights.") from None
-
-
-# -----------------------------------------------------------------------------
-# 0. The CPU: linear layers, freed memory
-#
-# PyTorch's x86 builds send fp32 GEMMs to MKL, which runs its AVX2 code on AMD
-# CPUs; oneDNN, also inside PyTorch, uses AVX-512 there. On the 2-core EPYC this
-# was measured on, the model's linear shapes timed one by one ran 1.3-3.5x faster,
-# most about 2x (bench.py measures both peaks), at fp32 precision (differences
-# ~1e-6, the rounding of a different summation order). Every nn.Linear becomes a
-# OneDNNLinear: same weights and state_dict, a different kernel on the CPU.
-
-ONEDNN_LINEAR = (platform.machine().lower() in ('x86_64', 'amd64') and torch.backends.mkldnn.is_available()
-                 and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
-
-
-def _onednn_mm(x, weight, bias=None):
-    """x (.., in) @ weight (out, in)ᵀ + bias, by oneDNN; strided views are fine."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
-
-
-class _OneDNNLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # x only for dW
-        return _onednn_mm(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _onednn_mm(dy, weight.t())                              # (.., out) @ (out, in)
-        dy2 = dy.reshape(-1, dy.shape[-1])                               # (M, out)
-        if ctx.needs_input_grad[1]:
-            dw = _onednn_mm(dy2.t(), x.reshape(-1, x.shape[-1]).t())     # (out, M) @ (M, in)
-        if ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db
-
-
-def linear(x, weight, bias=None):
-    """F.linear, through oneDNN for fp32 CPU tensors outside autocast."""
-    if not (ONEDNN_LINEAR and x.is_cpu and x.dtype == weight.dtype == torch.float32 and x.numel()
-            and not torch.is_autocast_enabled('cpu')):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _OneDNNLinearFunction.apply(x, weight, bias)
-    return _onednn_mm(x, weight, bias)
-
-
-class OneDNNLinear(nn.Linear):
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-def use_onednn_linears(model):
-    """Turns every plain nn.Linear in model into a OneDNNLinear, in place."""
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = OneDNNLinear
-    return model
-
-
-def glibc():
-    """The C library through ctypes when it is glibc (Linux), else None: mallopt and
-    malloc_trim, which keep_freed_memory and bench.py call, are glibc's."""
-    import ctypes
-    try:
-        if os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'):
-            return ctypes.CDLL(None)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return None
-
-
-def keep_freed_memory():
-    """Makes glibc keep freed memory in the process for the next tensors. Returns
-    whether it could (Linux with glibc), for the CPU entry points to call once.
-
-    glibc gives every block above 32 MB back to the OS when it is freed, and at the
-    real size many activations are that big (SigLIP's MLP at batch 16: (16, 577, 3072),
-    113 MB; the logits). Each new one then costs page faults and the kernel zeroing
-    it: 2-3 s of system time in a batch-16 SigLIP forward of 11.7 s. Taking every
-    block from the heap and never trimming it, that forward took 10.0 s and a phase-1
-    step at batch 8 8.5 s instead of 9.7 (phase 2 was unchanged within noise). The
-    price: a peak resident size ~4% higher, kept until the process exits, as a GPU
-    caching allocator keeps its blocks."""
-    libc = glibc()
-    if libc is None:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # -----------------------------------------------------------------------------
@@ -368,18 +272,13 @@ def build_decoder(cfg):
     return t5
 
 
-def generate_cache_kwarg(version):
-    """generate's name for the cache: transformers 5.24 renamed past_key_values to cache
-    (the old name warns). Only the leading major.minor is read, so '5.26rc1' parses."""
-    major_minor = tuple(map(int, re.match(r'(\d+)\.(\d+)', version).groups()))
-    return 'cache' if major_minor >= (5, 24) else 'past_key_values'
-
-
-GENERATE_CACHE_KWARG = generate_cache_kwarg(transformers.__version__)
-
-
 # -----------------------------------------------------------------------------
 # The whole model
+
+# Report generation settings: beam search with 4 beams, no repeated trigram, 20 to 512 tokens.
+GENERATION = dict(num_beams=4, no_repeat_ngram_size=3, length_penalty=1.0, early_stopping=True,
+                  min_length=20, max_length=512)
+
 
 class CheXQuery(nn.Module):
 
@@ -404,7 +303,6 @@ class CheXQuery(nn.Module):
         self.t5 = build_decoder(cfg)
         d_model = self.t5.config.d_model
         self.proj = nn.Identity() if d_model == D else nn.Linear(D, d_model)
-        use_onednn_linears(self)
         self.phase = None
         self.set_phase(1)
 
@@ -495,29 +393,23 @@ class CheXQuery(nn.Module):
         return out
 
     @torch.inference_mode()  # not just no_grad: no autograd bookkeeping at all (~10% at batch 16 on CPU)
-    def generate(self, images, prompt_ids, num_beams=4, no_repeat_ngram_size=3, length_penalty=1.0,
-                 early_stopping=True, min_length=20, max_length=512, features=None, **kwargs):
-        """Token ids (B, T) starting with prompt_ids ((P,) or (B, P), decoder start token first)."""
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    def generate(self, images, prompt_ids, visual_tokens=None, **settings):
+        """Token ids (B, T) starting with prompt_ids ((P,) or (B, P), decoder start token first).
+        Pass visual_tokens from encode() to skip encoding the images again. settings override
+        GENERATION and go on to Hugging Face's generate."""
         from transformers.modeling_outputs import BaseModelOutput
-        visual_tokens = self.encode(images, features)['visual_tokens']
+        if visual_tokens is None:
+            visual_tokens = self.encode(images)['visual_tokens']
         B = visual_tokens.shape[0]
         prompt_ids = torch.as_tensor(prompt_ids, device=visual_tokens.device)
         if prompt_ids.dim() == 1:
             prompt_ids = prompt_ids[None].expand(B, -1)
-        if GENERATE_CACHE_KWARG not in kwargs:
-            # Beam search reorders every cached key and value at every step. The cross-attention
-            # ones are equal across an image's beams (all read its visual tokens), so only the
-            # self-attention cache needs it: the same output, 12% less decoding time at batch 16.
-            cache = kwargs[GENERATE_CACHE_KWARG] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            cache.reorder_cache = cache.self_attention_cache.reorder_cache
+        settings = {**GENERATION, **settings}
+        if settings['num_beams'] == 1:
+            settings['early_stopping'] = False  # a beam-search flag: greedy search warns about it
         # a fresh BaseModelOutput on every call: generate expands it in place for beams
         return self.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual_tokens),
-                                decoder_input_ids=prompt_ids, num_beams=num_beams,
-                                no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
-                                early_stopping=early_stopping if num_beams > 1 else False,  # beams only
-                                min_length=min_length,
-                                max_length=max_length, **kwargs)
+                                decoder_input_ids=prompt_ids, **settings)
 
     # --- reporting and checkpoints ---------------------------------------------
     COMPONENTS = (('vision encoder (SigLIP)', 'vision.', False), ('  vision LoRA', 'vision.', True),
@@ -559,15 +451,7 @@ class CheXQuery(nn.Module):
 
 def load_weights(model, state, source):
     """Loads a checkpoint_state_dict, listing every mismatched key."""
-    own = model.checkpoint_state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not match this architecture:\n"
-                         f"  missing ({len(missing)}): {missing[:10]}\n"
-                         f"  unexpected ({len(unexpected)}): {unexpected[:10]}\n"
-                         f"  shape mismatches ({len(shapes)}): {shapes[:10]}")
+    lora.check_state_dict(model.checkpoint_state_dict(), state, source)
     model.load_state_dict(state, strict=False)
 
 
@@ -608,12 +492,15 @@ def read_checkpoint(path):
     return tensors, meta
 
 
-def load_checkpoint(path, device='cpu'):
-    """(model, meta) from a checkpoint; pretrained backbones are reloaded from their source."""
+def load_checkpoint(path, device='cpu', merge_lora=False):
+    """(model, meta) from a checkpoint; pretrained backbones are reloaded from their source.
+    merge_lora=True folds the adapters into their weights, for inference at no extra cost."""
     tensors, meta = read_checkpoint(path)
     cfg = CheXQueryConfig(**dict(meta['model_config'], query_init='random'))  # queries come from the file
     model = CheXQuery(cfg)
     load_weights(model, {k: v for k, v in tensors.items() if '/' not in k}, path)
+    if merge_lora:
+        lora.merge_lora(model)
     return model.to(device).eval(), meta
 
 

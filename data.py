@@ -107,6 +107,14 @@ def load_tokenizer(name_or_dir):
                       f"--tokenizer=/path/to/local/dir") from None
 
 
+def run_tokenizer(config):
+    """The tokenizer of a training run, from its config: `tokenizer` when given, else the
+    tiny model's data set's own (tokenizer.json), else the text model's."""
+    if config.get('tokenizer'):
+        return load_tokenizer(config['tokenizer'])
+    return load_tokenizer(config['data_dir'] if config['model_size'] == 'tiny' else config['text_model'])
+
+
 def prompt_ids(tok, prompt):
     """The decoder prefix for generate: T5's start token (pad, 0) then the prompt."""
     return [tok.pad_token_id] + tok(prompt, add_special_tokens=False)['input_ids']
@@ -123,26 +131,39 @@ def encode_report(tok, prompt, report, max_len):
 
 
 # --- dataset ---------------------------------------------------------------------
-def read_split(data_dir, split):
-    path = os.path.join(data_dir, f'{split}.jsonl')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: prepare the data first (python data.py --dataset=... "
-                                f"--data_dir={data_dir})")
+def read_jsonl(path, required, check=None):
+    """The records of a JSON-lines file, each checked for the `required` keys and by
+    check(record), which returns what is wrong or None; errors name the file and line."""
     records = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                record = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            missing = [k for k in ('id', 'image', 'report', 'labels') if k not in r]
-            if missing or len(r.get('labels') or ()) != len(CONDITIONS):
-                raise ValueError(f"{path}:{n}: record needs keys id, image, report and 14 labels; "
-                                 f"missing {missing}, labels {r.get('labels')}")
-            records.append(r)
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: a record must be a JSON object, got {type(record).__name__}")
+            missing = [k for k in required if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing keys {missing} (each record needs {', '.join(required)})")
+            problem = check(record) if check else None
+            if problem:
+                raise ValueError(f"{path}:{n}: {problem}")
+            records.append(record)
     return records
+
+
+def read_split(data_dir, split):
+    path = os.path.join(data_dir, f'{split}.jsonl')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: prepare the data first (python data.py --dataset=... "
+                                f"--data_dir={data_dir})")
+    def check(r):
+        if not isinstance(r['labels'], list) or len(r['labels']) != len(CONDITIONS):
+            return f"record {r['id']!r} needs {len(CONDITIONS)} labels, has {r['labels']}"
+    return read_jsonl(path, ('id', 'image', 'report', 'labels'), check)
 
 
 class ReportDataset(torch.utils.data.Dataset):

@@ -95,19 +95,22 @@ def lora_state_dict(model: nn.Module):
     return {k: v for k, v in model.state_dict().items() if 'lora_' in k}
 
 
-def load_lora_state_dict(model: nn.Module, state_dict):
+def check_state_dict(expected, given, source):
+    """Raises one error listing every missing, unexpected and wrongly shaped key of the
+    state dict `given` against `expected` (name -> tensor); `source` names where it came from."""
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    shapes = [f"{k}: {tuple(given[k].shape)} vs {tuple(v.shape)} expected" for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match the model:\n"
+                         f"  missing ({len(missing)}): {missing[:10]}\n"
+                         f"  unexpected ({len(unexpected)}): {unexpected[:10]}\n"
+                         f"  shape mismatches ({len(shapes)}): {shapes[:10]}")
+
+
+def load_lora_state_dict(model: nn.Module, state_dict, source='LoRA state dict'):
     """Loads an adapter, requiring exactly the model's LoRA keys with matching shapes."""
-    own = lora_state_dict(model)
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"LoRA state dict does not match the model: missing {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                       f"{' ...' if len(unexpected) > 8 else ''}")
-    bad = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
-           if state_dict[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"LoRA shape mismatch (key, given, expected): {bad[:8]}")
+    check_state_dict(lora_state_dict(model), state_dict, source)
     model.load_state_dict(state_dict, strict=False)
 
 

@@ -14,26 +14,27 @@ import json as jsonlib
 import os
 import sys
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
-import lora
+import data
+import hardware
+from chexpert import CONDITIONS, REGIONS
+from chexquery import GENERATION, load_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'               # holds ckpt.safetensors
 ckpt = ''                     # a specific checkpoint file instead of out_dir/ckpt.safetensors
 images = ''                   # an image file or a directory of them (PNG, JPEG)
 batch_size = 8
-num_beams = 4                 # the methodology's generation defaults
-no_repeat_ngram_size = 3
-length_penalty = 1.0
-early_stopping = True
-min_length = 20
-max_length = 512
 threshold = 0.5               # aux-head probability above which a condition is called present
 json = False                  # machine-readable output: one JSON object per image
 attention_dir = ''            # write attention-map grids here
 device = 'auto'
 dtype = 'auto'
+cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
+globals().update(GENERATION)  # num_beams, no_repeat_ngram_size, ... : the model's defaults, overridable here
 # -----------------------------------------------------------------------------
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
@@ -49,27 +50,8 @@ def list_images(path):
     return [path]
 
 
-def load_model(out_dir, ckpt='', device='cpu'):
-    """(model, tokenizer, run config) of a training run's checkpoint."""
-    import data
-    from chexquery import keep_freed_memory, load_checkpoint
-    if device == 'cpu':
-        keep_freed_memory()  # big activations (SigLIP's at batch 16) reuse freed pages
-    model, meta = load_checkpoint(ckpt or out_dir, device)
-    lora.merge_lora(model)  # inference only: B·A folded into W, so the adapters cost nothing per token
-    cfg = meta['config']
-    tok = data.load_tokenizer(cfg['data_dir'] if cfg['dataset'] == 'phantom' else cfg['tokenizer'])
-    return model, tok, cfg
-
-
-def generation_kwargs():
-    return dict(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
-                early_stopping=early_stopping, min_length=min_length, max_length=max_length)
-
-
 def heat(values):
     """A (h, w) array in [0, 1] -> an RGB uint8 heat map (black-red-yellow-white)."""
-    import numpy as np
     v = np.clip(values, 0, 1)[..., None]
     rgb = np.concatenate([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
     return (rgb * 255).astype(np.uint8)
@@ -77,9 +59,6 @@ def heat(values):
 
 def attention_grid(image, attention, gate, title, cell=160):
     """A 5 x 4 PNG grid: the X-ray with each query's attention map (N patches) laid over it."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    from chexpert import CONDITIONS, REGIONS
     names = list(CONDITIONS) + [f"region: {r}" for r in REGIONS]
     g = int(round(attention.shape[-1] ** 0.5))
     base = np.asarray(image.convert('L').resize((cell, cell)), dtype=np.float32)[..., None] / 255
@@ -99,18 +78,17 @@ def attention_grid(image, attention, gate, title, cell=160):
 
 
 def main():
-    import data
-    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    model, tok, cfg = load_model(out_dir, ckpt, dev)
-    size = model.cfg.image_size
-    transform = data.eval_transform(size)
-    prompt = data.prompt_ids(tok, cfg['prompt'])
-    ptdtype = {'auto': torch.bfloat16 if dev.startswith('cuda') else torch.float32, 'float32': torch.float32,
-               'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    autocast = torch.autocast(dev.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    dev = hardware.resolve_device(device)
+    model, meta = load_checkpoint(ckpt or out_dir, dev, merge_lora=True)
+    if dev == 'cpu' and cpu_kernels:
+        hardware.use_cpu_kernels(model)
+    tok = data.run_tokenizer(meta['config'])
+    transform = data.eval_transform(model.cfg.image_size)
+    prompt = data.prompt_ids(tok, meta['config']['prompt'])
+    autocast = hardware.autocast(dev, hardware.resolve_dtype(dtype, dev))
+    generation = {k: globals()[k] for k in GENERATION}
     if attention_dir:
         os.makedirs(attention_dir, exist_ok=True)
-    from chexpert import CONDITIONS
     failed = 0
     files = list_images(images)
     for start in range(0, len(files), batch_size):
@@ -118,16 +96,15 @@ def main():
         for f in files[start:start + batch_size]:
             try:
                 loaded.append((f, data.load_image(f)))
-            except Exception as e:  # one bad file is reported, the rest still run
+            except ValueError as e:  # one bad file is reported (the message names it), the rest still run
                 failed += 1
-                print(f"error: {f}: {e}", file=sys.stderr)
+                print(f"error: {e}", file=sys.stderr)
         if not loaded:
             continue
         x = torch.stack([transform(im) for _, im in loaded]).to(dev)
         with torch.no_grad(), autocast:
-            features = model.vision_features(x)  # SigLIP once, for both the probabilities and the report
-            enc = model.encode(features=features, return_attention=bool(attention_dir))
-            ids = model.generate(None, prompt, features=features, **generation_kwargs())
+            enc = model.encode(x, return_attention=bool(attention_dir))  # once, for probabilities and report
+            ids = model.generate(None, prompt, visual_tokens=enc['visual_tokens'], **generation)
         probs = enc['cond_logits'].float().sigmoid().cpu()
         reports = tok.batch_decode(ids, skip_special_tokens=True)
         for i, (f, im) in enumerate(loaded):

@@ -45,7 +45,7 @@ wandb_project = 'chexquery'
 # data
 dataset = 'iu_xray'           # 'iu_xray', 'mimic_cxr' or 'phantom' (generated on first use)
 data_dir = 'data/iu_xray'     # prepared by data.py
-tokenizer = 'google/flan-t5-base'  # hub name or local dir; the phantom data carries its own
+tokenizer = ''                # hub name or local dir; '': text_model's own (the tiny model: data_dir's tokenizer.json)
 prompt = 'Findings:'          # decoder prefix; the loss ignores it
 max_len = 256                 # decoder tokens, prompt included
 uncertain = 'positive'        # uncertain CheXpert labels count as positive in the aux targets
@@ -82,6 +82,7 @@ debug_nan_steps = 1           # ... and of this many iterations from it
 device = 'auto'               # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                # 'auto': bf16 (or fp16) on CUDA, fp32 on CPU, where bf16 is slower
 seed = 1337
+cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
 # -----------------------------------------------------------------------------
 if __name__ != '__main__':
     raise ImportError('train.py is a script: run it, do not import it')
@@ -90,13 +91,13 @@ from configurator import configure  # noqa: E402
 config = configure(globals(), sys.argv[1:])
 
 import data  # noqa: E402
-from chexquery import (CheXQuery, CheXQueryConfig, keep_freed_memory, load_weights, read_checkpoint,  # noqa: E402
-                       save_checkpoint, tiny_config)
+import hardware  # noqa: E402
+from chexquery import CheXQuery, CheXQueryConfig, load_weights, read_checkpoint, save_checkpoint, tiny_config  # noqa: E402
+from metrics import auc_per_condition, clinical_scores  # noqa: E402
 
 # distributed setup -------------------------------------------------------------
 ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device = hardware.resolve_device(device)
 if ddp:
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
     init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
@@ -111,13 +112,9 @@ if gradient_accumulation_steps % world_size:
                      f"{world_size} processes, so the effective batch stays the same")
 accum = gradient_accumulation_steps // world_size
 device_type = device.split(':')[0]
-if device_type == 'cpu':
-    keep_freed_memory()  # big activations reuse freed pages instead of faulting fresh ones in
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ptdtype = hardware.resolve_dtype(dtype, device)
 # one code path for every precision: autocast does nothing in fp32, the scaler nothing unless fp16
-autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+autocast = hardware.autocast(device, ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 torch.manual_seed(seed + rank)
 if device_type == 'cuda':
@@ -139,7 +136,7 @@ if cache_features:
     # a cached feature is one fixed view of each image, so augmenting the first epoch would be wasted
     log("cache_features: SigLIP's outputs are cached in the first epoch and reused; image augmentation is off")
     augment = False
-tok = data.load_tokenizer(data_dir if dataset == 'phantom' else tokenizer)
+tok = data.run_tokenizer(config)
 train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, prompt=prompt,
                                max_len=max_len, uncertain=uncertain)
 val_set = data.ReportDataset(data_dir, 'val', tok, image_size, train=False, prompt=prompt,
@@ -218,6 +215,8 @@ if init_from != 'scratch':
 # gradient, so it freezes too (DDP runs with find_unused_parameters=False).
 model.set_phase(phase, aux=lambda_aux > 0, full_backbones=full_backbones)
 model.to(device)
+if device_type == 'cpu' and cpu_kernels:
+    hardware.use_cpu_kernels(model)
 log(model.param_report(full_backbones))
 
 # optimizer: weight decay on weight matrices (LoRA A/B included), none on biases,
@@ -287,7 +286,6 @@ def compute_loss(m, b):
 @torch.no_grad()
 def evaluate():
     """Validation losses, the aux head's macro AUC and F1, and a few decoded reports."""
-    from eval import auc_per_condition  # eval.py's metric, so train and eval agree
     raw_model.eval()
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=data.collate)
@@ -308,12 +306,9 @@ def evaluate():
         targets.append(b['cond_labels'].cpu())
     probs, targets = torch.cat(probs), torch.cat(targets)
     aucs = [a for a in auc_per_condition(targets.numpy(), probs.numpy()) if a == a]  # NaN: one class only
-    pred, tgt = probs > 0.5, targets > 0.5
-    f1s = [2 * (p & t).sum().item() / max(1, p.sum().item() + t.sum().item()) for p, t in zip(pred.T, tgt.T)
-           if t.any() or p.any()]
     result = dict(val_loss_gen=sums['gen'] / n, val_loss_aux=sums['aux'] / n,
                   val_loss=lambda_gen * sums['gen'] / n + lambda_aux * sums['aux'] / n,
-                  val_auc_macro=sum(aucs) / max(1, len(aucs)), val_f1_macro=sum(f1s) / max(1, len(f1s)))
+                  val_auc_macro=sum(aucs) / max(1, len(aucs)), val_f1_macro=clinical_scores(targets.numpy() > 0.5, probs.numpy() > 0.5)['macro14']['f1'])
     if sample_reports:
         items = [val_set[i] for i in range(min(sample_reports, len(val_set)))]
         items = [x for x in items if x is not None]

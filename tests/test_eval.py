@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import eval as ev
+import metrics
 from chexpert import CONDITIONS, REGIONS
 from conftest import run_script
 
@@ -23,35 +24,35 @@ from conftest import run_script
     ("Patient's 4.5 cm mass (left) — stable.", 'patient s 4 5 cm mass left stable'),
 ])
 def test_normalize(raw, want):
-    assert ev.normalize(raw) == want
+    assert metrics.normalize(raw) == want
 
 
 def test_invalid_pairs_are_skipped_and_counted():
-    r, h, skipped = ev.valid_pairs(['a b', '', 'c', None], ['a b', 'x', '...', 'y'])
+    r, h, skipped = metrics.valid_pairs(['a b', '', 'c', None], ['a b', 'x', '...', 'y'])
     assert (r, h, skipped) == (['a b'], ['a b'], 3)
-    m = ev.nlg_metrics(['the heart is normal', ''], ['the heart is normal', 'x'])
+    m = metrics.nlg_metrics(['the heart is normal', ''], ['the heart is normal', 'x'])
     assert m['pairs'] == 1 and m['skipped_pairs'] == 1 and m['bleu4'] == pytest.approx(1.0)
     with pytest.raises(ValueError, match='no valid'):
-        ev.nlg_metrics([''], ['x'])
+        metrics.nlg_metrics([''], ['x'])
 
 
 def test_bleu_and_rouge_by_hand():
     ref, hyp = 'the heart is normal in size'.split(), 'the heart is normal'.split()
-    b = ev.bleu([ref], [hyp])
+    b = metrics.bleu([ref], [hyp])
     bp = math.exp(1 - 6 / 4)  # brevity penalty: 4 hypothesis words against 6
     assert b['bleu1'] == pytest.approx(bp) and b['bleu4'] == pytest.approx(bp)
     with pytest.warns(UserWarning, match=r'0 counts of [34]-gram'):  # nltk's own warning: no smoothing
-        b = ev.bleu([['a', 'b', 'c', 'd']], [['a', 'b', 'x', 'd']])
+        b = metrics.bleu([['a', 'b', 'c', 'd']], [['a', 'b', 'x', 'd']])
     assert b['bleu1'] == pytest.approx(0.75) and b['bleu2'] == pytest.approx(math.sqrt(0.75 * 1 / 3))
     assert b['bleu3'] == pytest.approx(0, abs=1e-12) and b['bleu4'] == pytest.approx(0, abs=1e-12)
     # LCS 4 of 6 and of 4: P 1, R 2/3, F 0.8
-    assert ev.rouge_l(['the heart is normal in size'], ['the heart is normal']) == pytest.approx(0.8)
+    assert metrics.rouge_l(['the heart is normal in size'], ['the heart is normal']) == pytest.approx(0.8)
 
 
 def test_meteor_says_whether_synonyms_were_used():
-    score, synonyms = ev.meteor([['the', 'heart', 'is', 'normal']], [['the', 'heart', 'is', 'normal']])
-    assert score > 0.9 and synonyms == (ev.wordnet_or_none() is not None)
-    low, _ = ev.meteor([['the', 'heart', 'is', 'normal']], [['lungs', 'are', 'clear', 'today']])
+    score, synonyms = metrics.meteor([['the', 'heart', 'is', 'normal']], [['the', 'heart', 'is', 'normal']])
+    assert score > 0.9 and synonyms == (metrics.wordnet_or_none() is not None)
+    low, _ = metrics.meteor([['the', 'heart', 'is', 'normal']], [['lungs', 'are', 'clear', 'today']])
     assert low == 0
 
 
@@ -63,15 +64,15 @@ def test_coco_convention_equals_pycocoevalcap():
             'Moderate cardiomegaly. Mild pulmonary edema with bilateral effusions.']
     hyps = ['The heart is normal. Lungs are clear. No acute disease.', 'Small right pleural effusion.',
             'Heart size is normal. The lungs are clear.', 'Cardiomegaly with mild edema and effusions.']
-    r, h = [ev.coco_text(x) for x in refs], [ev.coco_text(x) for x in hyps]
+    r, h = [metrics.coco_text(x) for x in refs], [metrics.coco_text(x) for x in hyps]
     gts, res = {i: [x] for i, x in enumerate(r)}, {i: [x] for i, x in enumerate(h)}
     ref_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     ref_rouge, _ = Rouge().compute_score(gts, res)
-    ours = ev.coco_bleu(r, h)
+    ours = metrics.coco_bleu(r, h)
     for k in range(4):
         assert ours[f'bleu{k + 1}'] == pytest.approx(ref_bleu[k], abs=1e-12)
-    assert ev.coco_rouge_l(r, h) == pytest.approx(ref_rouge, abs=1e-12)
-    assert ev.coco_text('Heart, normal. | Impression: Clear!') == 'heart , normal . clear !'
+    assert metrics.coco_rouge_l(r, h) == pytest.approx(ref_rouge, abs=1e-12)
+    assert metrics.coco_text('Heart, normal. | Impression: Clear!') == 'heart , normal . clear !'
 
 
 def test_clinical_scores_on_crafted_labels():
@@ -81,7 +82,7 @@ def test_clinical_scores_on_crafted_labels():
     true[[0, 1, 2], E] = 1
     pred[[0, 1, 3], E] = 1   # tp 2, fp 1, fn 1
     true[0, C] = 1           # fn 1
-    s = ev.clinical_scores(true, pred)
+    s = metrics.clinical_scores(true, pred)
     assert s['Pleural Effusion'] == pytest.approx(dict(precision=2 / 3, recall=2 / 3, f1=2 / 3))
     assert s['Cardiomegaly']['f1'] == 0
     assert s['micro5'] == pytest.approx(dict(precision=2 / 3, recall=0.5, f1=2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)))
@@ -93,18 +94,18 @@ def test_clinical_metrics_run_the_labeler_on_both_sides():
     from chexpert import make_labeler
     refs = ['Small left pleural effusion. Heart size is normal.', 'Moderate cardiomegaly.']
     hyps = ['Small left pleural effusion. Heart size is normal.', 'The heart is normal in size.']
-    m = ev.clinical_metrics(refs, hyps, make_labeler())
+    m = metrics.clinical_metrics(refs, hyps, make_labeler())
     assert m['Pleural Effusion']['f1'] == 1 and m['Cardiomegaly']['recall'] == 0
     assert 'uncertain counted as positive' in m['uncertain_policy']
 
 
 def test_auc_by_hand():
     t = np.array([[1], [1], [0], [0]])
-    assert ev.auc_per_condition(t, [[0.9], [0.8], [0.3], [0.1]]) == [1.0]
-    assert ev.auc_per_condition(t, [[0.1], [0.2], [0.8], [0.9]]) == [0.0]
-    assert ev.auc_per_condition(t, [[0.5], [0.5], [0.5], [0.5]]) == [0.5]      # ties share their rank
-    assert ev.auc_per_condition(t, [[0.9], [0.3], [0.3], [0.1]]) == [0.875]    # one tie between classes
-    assert math.isnan(ev.auc_per_condition(np.ones((3, 1)), [[0.1], [0.2], [0.3]])[0])
+    assert metrics.auc_per_condition(t, [[0.9], [0.8], [0.3], [0.1]]) == [1.0]
+    assert metrics.auc_per_condition(t, [[0.1], [0.2], [0.8], [0.9]]) == [0.0]
+    assert metrics.auc_per_condition(t, [[0.5], [0.5], [0.5], [0.5]]) == [0.5]      # ties share their rank
+    assert metrics.auc_per_condition(t, [[0.9], [0.3], [0.3], [0.1]]) == [0.875]    # one tie between classes
+    assert math.isnan(metrics.auc_per_condition(np.ones((3, 1)), [[0.1], [0.2], [0.3]])[0])
 
 
 def test_grounding_on_a_synthetic_attention_map():
@@ -118,12 +119,12 @@ def test_grounding_on_a_synthetic_attention_map():
         a[:4, :4] = 0 if j == 0 else 0.25
         a[4:, 4:] = 0 if j == 0 else 0.25
         attention[14 + j] = a.ravel()
-    shares = ev.region_shares(attention, {r: box for r in REGIONS})
+    shares = metrics.region_shares(attention, {r: box for r in REGIONS})
     assert shares['cardiac'] == pytest.approx(dict(share=1.0, area=0.25))
     assert shares['spine']['share'] == pytest.approx(0.25)
-    agg = ev.grounding([dict(grounding=shares)])
+    agg = metrics.grounding([dict(grounding=shares)])
     assert agg['mean']['chance'] == pytest.approx(0.25) and agg['cardiac']['share'] == pytest.approx(1.0)
-    assert ev.grounding([{}]) is None
+    assert metrics.grounding([{}]) is None
 
 
 def write_predictions(path, rows):
@@ -168,8 +169,8 @@ def test_bertscore_with_a_tiny_local_model(tmp_path):
     BertTokenizerFast(vocab_file=str(tmp_path / 'vocab.txt')).save_pretrained(tmp_path / 'm')
     BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path / 'm')
-    same = ev.bertscore(['the heart is normal'], ['the heart is normal'], str(tmp_path / 'm'))
-    other = ev.bertscore(['the heart is normal'], ['lungs are clear'], str(tmp_path / 'm'))
+    same = metrics.bertscore(['the heart is normal'], ['the heart is normal'], str(tmp_path / 'm'))
+    other = metrics.bertscore(['the heart is normal'], ['lungs are clear'], str(tmp_path / 'm'))
     assert same == pytest.approx(1.0, abs=1e-5) and other < same
 
 

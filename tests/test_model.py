@@ -3,7 +3,6 @@ import os
 import pytest
 import torch
 
-import chexquery
 from chexquery import (CONDITIONS, FLAN_T5_BASE, SIGLIP_BASE_384, TINY_TEXT, TINY_VISION, CheXQuery,
                        CheXQueryConfig, load_checkpoint, load_weights, save_checkpoint, tiny_config)
 
@@ -49,88 +48,6 @@ def test_attention_path_equals_sdpa_path():
     a = m.encode(images, return_attention=True)
     b = m.encode(images)
     torch.testing.assert_close(a['visual_tokens'], b['visual_tokens'], atol=1e-5, rtol=1e-5)
-
-
-needs_onednn = pytest.mark.skipif(not chexquery.ONEDNN_LINEAR, reason='oneDNN linear is used on x86-64 only')
-
-
-@needs_onednn
-@pytest.mark.parametrize('shape,bias,weight_trains', [((5, 7), True, True), ((3, 5, 7), False, True),
-                                                      ((3, 5, 7), True, False), ((7,), True, True)])
-def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, weight_trains):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(7, 11, bias=bias)
-    layer.weight.requires_grad_(weight_trains)
-    x = torch.randn(*shape, requires_grad=True)
-    params = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
-    y_ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    dy = torch.randn_like(y_ref)
-    grads_ref = torch.autograd.grad(y_ref, params, dy)
-    y = chexquery.linear(x, layer.weight, layer.bias)
-    assert y.grad_fn is not None and 'OneDNN' in type(y.grad_fn).__name__  # the oneDNN path ran
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for g, g_ref in zip(torch.autograd.grad(y, params, dy), grads_ref):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
-
-
-def test_linear_falls_back_to_f_linear_off_the_fp32_cpu_path():
-    w = torch.randn(4, 3, dtype=torch.float64)
-    x = torch.randn(2, 3, dtype=torch.float64)
-    assert torch.equal(chexquery.linear(x, w), torch.nn.functional.linear(x, w))  # oneDNN has no fp64
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast casts for F.linear, not for oneDNN
-        assert chexquery.linear(x.float(), w.float()).dtype == torch.bfloat16
-
-
-@needs_onednn
-def test_every_linear_of_the_model_runs_on_onednn_with_the_same_result(monkeypatch):
-    m = tiny()
-    m.set_phase(2, full_backbones=True)
-    assert not [n for n, mod in m.named_modules() if type(mod) is torch.nn.Linear]
-    assert sum(isinstance(mod, chexquery.OneDNNLinear) for mod in m.modules()) > 20
-    images, dec, labels, cond = batch()
-    m.eval()
-
-    def loss_and_grads():
-        m.zero_grad()
-        out = m(images, dec, labels, cond)
-        (out['loss_gen'] + out['loss_aux']).backward()
-        return out['loss_gen'], {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    loss, grads = loss_and_grads()
-    monkeypatch.setattr(chexquery, 'ONEDNN_LINEAR', False)
-    loss_ref, grads_ref = loss_and_grads()
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == grads_ref.keys() and len(grads) > 50
-    for n in grads:
-        torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-4, rtol=1e-3, msg=n)
-
-
-FAULTS_OF_A_REUSED_64MB_TENSOR = """
-import resource, sys, torch
-sys.path.insert(0, {root!r})
-import chexquery
-kept = chexquery.keep_freed_memory() if {keep} else None
-for _ in range(3):                                 # 64 MB, allocated and freed: warms the heap up
-    x = torch.ones(2**24); del x
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(2**24)                              # once more: are the freed pages still mapped?
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(chexquery.glibc() is None, reason="mallopt is glibc's")
-def test_keep_freed_memory_reuses_pages_of_big_tensors():
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {}
-    for keep in (False, True):
-        out = subprocess.run([sys.executable, '-c', FAULTS_OF_A_REUSED_64MB_TENSOR.format(root=root, keep=keep)],
-                             capture_output=True, text=True, check=True).stdout.split()
-        faults[keep] = int(out[1])
-        assert out[0] == ('True' if keep else 'None')
-    assert faults[False] > 10_000   # glibc's default: 64 MB freshly mapped, 16k pages of 4 kB faulted in
-    assert faults[True] < 1_000     # kept: the freed block is reused
 
 
 def test_real_sizes_of_the_dimension_table():
@@ -241,38 +158,6 @@ def test_generate_keeps_prompt_and_respects_length_and_beams():
     assert torch.equal(ids, ids2)
     beams = m.generate(images, prompt, num_beams=3, num_return_sequences=3, min_length=5, max_length=8)
     assert beams.shape[0] == 6 and beams.shape[1] <= 8
-
-
-def test_greedy_generate_sets_no_beam_only_flag(monkeypatch):
-    """train.py samples greedily: early_stopping (a beam-search flag) must not be passed then,
-    or transformers warns that it is invalid."""
-    from transformers.generation import configuration_utils
-    said = []
-    monkeypatch.setattr(configuration_utils.logger, 'warning_once', lambda msg, *a, **k: said.append(msg))
-    m = tiny().eval()
-    m.generate(batch()[0], [0], num_beams=1, min_length=1, max_length=6)
-    assert not [msg for msg in said if 'not valid' in msg], said
-
-
-def test_generate_cache_kwarg_follows_the_transformers_rename():
-    assert [chexquery.generate_cache_kwarg(v) for v in ('5.0.0', '5.23.0', '5.24.0', '5.26rc1', '5.24.0.dev0', '6.1')] \
-        == ['past_key_values', 'past_key_values', 'cache', 'cache', 'cache', 'cache']
-
-
-def test_generate_skips_only_the_redundant_cross_attention_reorder():
-    """generate reorders the self-attention cache alone; Hugging Face's own cache, which
-    also reorders the cross-attention keys and values, gives the same beams."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-    m = tiny().eval()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, S, S, generator=g)
-    kw = dict(num_beams=4, num_return_sequences=4, no_repeat_ngram_size=0, min_length=24, max_length=24,
-              output_scores=True, return_dict_in_generate=True)
-    ours = m.generate(images, [0], **kw)
-    hf_cache = {chexquery.GENERATE_CACHE_KWARG: EncoderDecoderCache(DynamicCache(), DynamicCache())}
-    theirs = m.generate(images, [0], **hf_cache, **kw)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores)
 
 
 def test_bad_images_name_the_expected_shape():

@@ -77,8 +77,7 @@ def test_load_model_folds_lora_into_the_weights(tiny_run):
     import torch
     import lora
     from chexquery import load_checkpoint
-    from sample import load_model
-    merged, _, _ = load_model(tiny_run)
+    merged, _ = load_checkpoint(tiny_run, merge_lora=True)
     plain, _ = load_checkpoint(tiny_run)
     layers = lora.lora_layers(merged)
     assert layers and all(layer.merged for layer in layers)
