@@ -264,3 +264,62 @@ def test_labeler_recovers_the_generator_labels():
                 wrong[c].append((t, g, f'{findings} | {impression}'))
     # every mention the generator made (1, 0, -1) and every blank must come back exactly
     assert not any(wrong.values()), {c: (len(w), w[:2]) for c, w in wrong.items() if w}
+
+
+# -----------------------------------------------------------------------------
+# Fingerprints: the exact output for fixed seeds. Computed with the generator as
+# of VERSION 3; a change here means the data changed, so bump phantom.VERSION and
+# recompute (or, after a numpy/Pillow upgrade with no code change, just recompute).
+
+def sha256(*parts):
+    """A hex digest of arrays (shape and bytes) and JSON-able values, in order."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p.shape).encode() + p.tobytes() if isinstance(p, np.ndarray) else json.dumps(p).encode())
+    return h.hexdigest()
+
+
+def test_fingerprint_of_a_generated_set(tmp_path):
+    d = str(tmp_path / 'fp')
+    phantom.generate(d, n_train=8, n_val=4, n_test=4, image_size=64, seed=0, workers=1)
+    files = contents(d)
+    pixels = [np.asarray(Image.open(os.path.join(d, p))) for p in sorted(files) if p.endswith('.png')]
+    vocab = sorted(json.loads(files['tokenizer.json'])['model']['vocab'].items())
+    texts = [files[p].decode() for p in ('train.jsonl', 'val.jsonl', 'test.jsonl', 'manifest.json')]
+    assert len(pixels) == 17  # 16 images and the preview
+    assert sha256(*pixels, *texts, vocab) == 'd6b30162ef9734c22bb54b7bf7a89a03b4a780f9289ea5b2dc1e73680ce7d3fa'
+
+
+# every finding and variant drawn on one patient, at the default 128 px: covers
+# branches a small random set may miss (hedged fracture, every device, ...)
+FORCED = [[('Enlarged Cardiomediastinum', {})], [('Cardiomegaly', dict(csev='marked'))],
+          [('Lung Opacity', dict(side='left', zone='upper'))], [('Lung Opacity', dict(side='right', zone='lower'))],
+          [('Lung Lesion', dict(kind='nodule', lobe='right middle lobe'))],
+          [('Lung Lesion', dict(kind='mass', lobe='left upper lobe'))], [('Edema', dict(esev='moderate'))],
+          [('Consolidation', dict(lobe='right lower lobe'))], [('Pneumonia', dict(lobe='left lower lobe'))],
+          [('Atelectasis', dict(side='right'))], [('Pneumothorax', dict(side='left', sev='large'))],
+          [('Pneumothorax', dict(side='right', sev='small', certain=False))],
+          [('Pleural Effusion', dict(bside='bilateral', sev='moderate'))],
+          [('Pleural Effusion', dict(bside='right', sev='small', certain=False))],
+          [('Pleural Other', dict(side='left'))], [('Fracture', dict(side='right', rib='7th'))],
+          [('Fracture', dict(side='left', rib='5th', certain=False))],
+          [('Support Devices', dict(devices=['cvc', 'ett', 'ng', 'pacer'], side='right', k='4'))],
+          [('Support Devices', dict(devices=['cvc'], side='left', k='3'))],
+          [('Pneumothorax', dict(side='left', sev='moderate')), ('Pleural Effusion', dict(bside='left', sev='large')),
+           ('Fracture', dict(side='left', rib='9th')), ('Cardiomegaly', dict(csev='mild')),
+           ('Enlarged Cardiomediastinum', {})]]
+
+
+def test_fingerprint_of_every_finding_at_128px():
+    parts = []
+    for i, findings in enumerate(FORCED):
+        case = phantom.sample_case(3, i % 4)
+        case['findings'] = [phantom.make_finding(c, **v) for c, v in findings]
+        parts += [phantom.render(case, 128), phantom.regions(case), phantom.write_report(case)]
+    for i in range(4):  # sampled patients as they come, and the reports and regions of many more
+        parts.append(phantom.render(phantom.sample_case(1337, i), 128))
+    for i in range(200):
+        case = phantom.sample_case(1337, i)
+        parts += [phantom.regions(case), phantom.write_report(case)]
+    assert sha256(*parts) == '91ede0b9d573e755cda8510d38f4cb61cc2a50283e3246e7c77703765c0cd3ea'
