@@ -15,6 +15,7 @@ import os
 import platform
 import re
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -69,7 +70,23 @@ ONEDNN_AVAILABLE = (platform.machine().lower() in ('x86_64', 'amd64') and torch.
 
 def _onednn_mm(x, weight, bias=None):
     """x (.., in) @ weight (out, in)ᵀ + bias, by oneDNN; strided views are fine."""
+    if torch.compiler.is_compiling():  # torch.compile sees an opaque op: see _onednn_mm_opaque
+        return _onednn_mm_opaque(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+
+# Under torch.compile, Inductor rewrites mkldnn._linear_pointwise followed by an add into
+# its fused linear_binary, which needs the weight to be a frozen constant, and fails on a
+# trained one ("weight must be a graph constant"). An opaque custom op keeps the GEMM on
+# oneDNN and lets Inductor fuse what is around it. Eager calls skip it (no dispatch cost).
+@torch.library.custom_op('chexquery::onednn_mm', mutates_args=())
+def _onednn_mm_opaque(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+
+@_onednn_mm_opaque.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):

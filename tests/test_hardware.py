@@ -105,3 +105,43 @@ def test_cpu_kernels_give_the_same_beams_as_the_plain_model():
     ours, theirs = fast.generate(images, [0], **kw), plain.generate(images, [0], **kw)
     assert torch.equal(ours.sequences, theirs.sequences)
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_freed_memory_switches_report_whether_glibc_took_them():
+    """What they do to the process's memory is bench.py's to measure; here only that they run."""
+    assert hardware.keep_freed_memory() == (hardware.glibc() is not None)
+    hardware.release_freed_memory()
+
+
+@needs_onednn
+def test_the_opaque_onednn_op_torch_compile_sees_is_a_valid_custom_op():
+    x, w, b = torch.randn(3, 5, 7), torch.randn(11, 7), torch.randn(11)
+    torch.library.opcheck(hardware._onednn_mm_opaque, (x, w, b))
+    torch.library.opcheck(hardware._onednn_mm_opaque, (x, w.t().contiguous().t(), None))  # a strided weight
+    torch.testing.assert_close(hardware._onednn_mm_opaque(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.slow
+@needs_onednn
+def test_torch_compile_of_a_model_on_cpu_kernels_gives_the_eager_loss_and_gradients():
+    """Under torch.compile the oneDNN linears go through the opaque op (Inductor's own fusion of
+    mkldnn linears fails on trained weights); the step must be the eager one. About a minute."""
+    m = hardware.use_cpu_kernels(tiny())
+    m.set_phase(2)
+    m.eval()  # no dropout: the two runs must see the same function
+    images, dec, labels, cond = batch()
+
+    def loss_and_grads(f):
+        m.zero_grad()
+        out = f(images, dec, labels, cond)
+        (out['loss_gen'] + out['loss_aux']).backward()
+        return out['loss_gen'], {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    loss, grads = loss_and_grads(torch.compile(m))
+    loss_ref, grads_ref = loss_and_grads(m)
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 10
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-4, rtol=1e-3, msg=n)
