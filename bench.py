@@ -1,20 +1,24 @@
 """
-Measures what users of CheXQuery care about, at the real size (SigLIP-base-patch16-384
-+ Flan-T5-base shapes, random weights, nothing downloaded) and at the tiny size:
+How fast CheXQuery trains and writes reports, at the real size (SigLIP-base-patch16-384
++ Flan-T5-base shapes, random weights, nothing downloaded) and the tiny size. On the CPU
+every row is measured twice, side by side: plain PyTorch, and with
+hardware.use_cpu_kernels (what train.py, sample.py and eval.py switch on there).
 
-    python bench.py                       # both sizes, table + bench.json
-    python bench.py --size=tiny           # seconds; what the tests run
-    python bench.py --device_peak_tflops=312 --device_name='A100 bf16'   # projection target
+    python bench.py                       # both sizes; a table and bench.json
+    python bench.py --size=tiny           # under a minute
+    python bench.py --compile=True        # adds phase 2 under torch.compile (minutes of compiling)
+    python bench.py --kernels=cpu         # one column only ('plain' or 'cpu')
 
-1. training step time and images/s per phase, forward and backward apart; peak memory;
-   analytic FLOPs per image; achieved FLOP/s against this machine's measured matmul peak (MFU)
-2. generation: reports/s of batched beam search (4 beams, 128 new tokens) at batch 1 and 16
-3. the data path: samples/s per worker to decode + augment one sample, from a prepared
-   (448 px) image and from a full-size 2k x 2.5k PNG like IU X-ray's originals
-4. our LoRA against peft's on the same modules, when peft is installed
-5. the projected wall time of the methodology's three-phase schedule on IU X-ray
-Targets are shown as met or missed. This is a measurement, never a timed test.
+Rows: a training step (batch_size images, seq_len decoder tokens) in phases 1, 2 and 3 and
+in phase 1 from cached SigLIP features; beam search (4 beams, gen_new_tokens tokens) at
+batch 1 and 16. Each: its time, its FLOPs (counted analytically; tests check them against
+torch's FLOP counter), the FLOP rate, MFU against this machine's fp32 matmul peak measured
+in the same run (the better of torch.matmul and oneDNN), and its peak memory. Then each
+speed ratio beside its FLOP ratio, the ratio it would have if both sides ran at one FLOP
+rate; the data path; our LoRA against peft's. It measures: nothing passes or fails here.
+docs/performance.md says how it measures and what limits each row.
 """
+import gc
 import json
 import os
 import platform
@@ -24,27 +28,29 @@ import time
 
 import torch
 
+import hardware
+
 # -----------------------------------------------------------------------------
 size = 'both'                 # 'tiny', 'real' or 'both'
-batch_size = 8                # training batch per step (the peak-memory record is phase 2 at batch 8)
+kernels = 'both'              # on the CPU: 'both' columns, 'plain' or 'cpu' (hardware.use_cpu_kernels)
+compile = False               # True: phase 2 again under torch.compile, in each column
+batch_size = 8                # training images per step
 seq_len = 128                 # decoder tokens per report (IU reports are ~60-120 Flan-T5 tokens)
-steps = 2                     # timed steps per measurement
+steps = 2                     # timed training steps per row: their mean
 warmup_steps = 3              # untimed first steps: see train_step
 gen_new_tokens = 128
 data_samples = 40             # samples timed per data-path measurement
 device = 'auto'
 out = 'bench.json'
-device_peak_tflops = 312.0    # projection target: A100 bf16 dense peak
+device_peak_tflops = 312.0    # the projection's device: A100 bf16 dense peak
 device_name = 'A100 bf16'
-onednn_linear = True          # False: PyTorch's own F.linear (MKL on x86 CPUs), for comparison
-iu_train_images = 0           # 0: 70% of IU X-ray's frontal images, counted from ../shared/iu_xray when present
+iu_train_images = 0           # 0: 70% of IU X-ray's frontal images (from $CHEXQUERY_IU_TABLES when set)
 # -----------------------------------------------------------------------------
+COLUMNS = {'plain': 'plain PyTorch', 'cpu': 'use_cpu_kernels'}
+TRAINING = (('phase1', 1, False), ('phase2', 2, False), ('phase3', 3, False), ('phase1_cached', 1, True))
+GENERATION_BATCHES = (1, 16)
 SCHEDULE = ((1, 5), (2, 15), (3, 5))  # the methodology's (phase, epochs)
 IU_FRONTAL_IMAGES = 3818              # frontal rows of indiana_projections.csv, when the table is absent
-
-
-def fmt(x):
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
 class Timer:
@@ -61,10 +67,9 @@ def reset_peak_memory(dev):
     if dev.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         return
-    from chexquery import glibc
-    libc = glibc()
-    if libc is not None:  # hand freed pages back first, or keep_freed_memory carries the last peak over
-        libc.malloc_trim(0)
+    # keep_freed_memory keeps the last row's pages resident: hand them back first, or the
+    # next row's peak starts from the last one's
+    hardware.release_freed_memory()
     try:  # Linux: writing 5 resets the peak resident set size (VmHWM)
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
@@ -75,22 +80,23 @@ def reset_peak_memory(dev):
 def peak_memory_mb(dev):
     if dev.startswith('cuda'):
         return torch.cuda.max_memory_allocated() / 2**20
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM'):
-                return int(line.split()[1]) / 1024
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float('nan')
 
 
 def matmul_peak(dev, n=2048, reps=10):
-    """This machine's fp32 matmul FLOP/s, the denominator of the MFU-style ratio: the
-    best of torch.matmul (MKL on x86 CPUs) and, on the CPU, oneDNN as chexquery.linear
-    runs it. Both are returned, {path: FLOP/s}."""
-    import chexquery
+    """{path: FLOP/s} of an n x n fp32 matmul: torch.matmul (MKL on x86 CPUs) and, on an
+    x86 CPU, oneDNN as hardware.linear runs it. The best is the MFU denominator."""
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     paths = {'torch.matmul': lambda: a @ b}
-    if chexquery.ONEDNN_LINEAR and dev == 'cpu':
-        paths['oneDNN'] = lambda: chexquery.linear(a, b)
+    if hardware.ONEDNN_AVAILABLE and dev == 'cpu':
+        paths['oneDNN'] = lambda: hardware.linear(a, b)
     t, out = Timer(dev), {}
     for name, f in paths.items():
         f()
@@ -102,6 +108,26 @@ def matmul_peak(dev, n=2048, reps=10):
             best = max(best, reps * 2 * n ** 3 / (t.now() - t0))
         out[name] = best
     return out
+
+
+def cpu_name(cpuinfo=None):
+    """'AMD EPYC (AuthenticAMD family 26 model 2, AVX-512)' from /proc/cpuinfo, which names
+    the microarchitecture where lscpu's model name ('AMD EPYC') does not."""
+    if cpuinfo is None:
+        try:
+            with open('/proc/cpuinfo') as f:
+                cpuinfo = f.read()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+    if 'model name' not in fields:
+        return platform.processor() or platform.machine()
+    simd = 'AVX-512' if 'avx512f' in fields.get('flags', '').split() else 'no AVX-512'
+    return (f"{fields['model name']} ({fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}, {simd})")
 
 
 # -----------------------------------------------------------------------------
@@ -167,15 +193,11 @@ def generation_flops_per_report(model, beams, new_tokens):
     return encode + beams * (f['cross_kv'] + new_tokens * per_token + attention)
 
 
-def schedule_flops(model, n_train):
-    """FLOPs of the methodology's three phases over n_train images, at seq_len tokens."""
-    return sum(epochs * n_train * sum(flops_per_image(model, seq_len, phase)) for phase, epochs in SCHEDULE)
-
-
 # -----------------------------------------------------------------------------
 # measurements
 
 def build(which, dev):
+    """The real- or tiny-size model, seeded: every column starts from the same weights."""
     from chexquery import CheXQuery, CheXQueryConfig, SIGLIP_BASE_384, FLAN_T5_BASE, tiny_config
     torch.manual_seed(0)
     cfg = (CheXQueryConfig(vision_config=SIGLIP_BASE_384, text_config=FLAN_T5_BASE, query_init='random')
@@ -191,8 +213,9 @@ def batch(model, B, dev):
                 labels=ids.roll(-1, 1).to(dev), cond_labels=(torch.rand(B, 14, generator=g) > 0.8).float().to(dev))
 
 
-def train_step(model, phase, B, dev, from_features=False):
-    """Mean seconds of forward, backward and optimizer step of one training step."""
+def train_step(model, phase, B, dev, from_features=False, compiled=False):
+    """Mean seconds of forward, backward and optimizer step, and the first step's seconds
+    (compiling included under torch.compile)."""
     model.set_phase(phase, aux=phase != 3)
     model.train()
     b = batch(model, B, dev)
@@ -200,12 +223,16 @@ def train_step(model, phase, B, dev, from_features=False):
     if from_features:  # phase 1 with the frozen encoder's outputs cached
         with torch.no_grad():
             features = model.vision_features(b['images'])
+    if compiled:
+        torch._dynamo.reset()  # compile afresh for this model and its kernels
+    run = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    t, times = Timer(dev), []
+    t, times, first = Timer(dev), [], None
+    torch.manual_seed(0)  # the same dropout masks in every column
     for i in range(warmup_steps + steps):
         t0 = t.now()
-        out = model(None if from_features else b['images'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
-                    label_smoothing=0.1 if phase > 1 else 0.0, features=features)
+        out = run(None if from_features else b['images'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
+                  label_smoothing=0.1 if phase > 1 else 0.0, features=features)
         loss = out['loss_gen'] + (0.3 * out['loss_aux'] if phase != 3 else 0)
         t1 = t.now()
         loss.backward()
@@ -213,52 +240,69 @@ def train_step(model, phase, B, dev, from_features=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = t.now()
-        # The first steps warm up kernels and the allocator: glibc maps fresh pages for every
-        # tensor above its mmap threshold, which it raises only as big blocks are freed. At the
-        # real size, phase 2's second step spent 8 s in page faults; its fourth, 0.3 s.
+        first = t3 - t0 if first is None else first
+        # The first steps warm up kernels and the allocator: by default glibc maps fresh pages
+        # for every tensor above its mmap threshold, which it raises only as big blocks are
+        # freed (at the real size, phase 2's second step once spent 8 s in page faults).
         if i >= warmup_steps:
             times.append((t1 - t0, t2 - t1, t3 - t2))
-    return [sum(x) / len(x) for x in zip(*times)]
+    del out, loss, opt
+    fwd, bwd, step = (sum(x) / len(x) for x in zip(*times))
+    return dict(forward_s=fwd, backward_s=bwd, optimizer_s=step, first_step_s=first)
 
 
-def bench_training(model, dev, peak):
-    rows = {}
-    for name, phase, cached in (('phase1', 1, False), ('phase2', 2, False), ('phase3', 3, False),
-                                ('phase1_cached', 1, True)):
+def bench_training(model, dev, rows, log):
+    """The training rows: one step of batch_size images each."""
+    todo = TRAINING + ((('phase2_compiled', 2, False),) if compile else ())
+    for name, phase, cached in todo:
         reset_peak_memory(dev)
-        fwd, bwd, opt = train_step(model, phase, batch_size, dev, from_features=cached)
+        r = train_step(model, phase, batch_size, dev, from_features=cached, compiled=name.endswith('compiled'))
         f, b = flops_per_image(model, seq_len, phase, cached)
-        step = fwd + bwd + opt
-        rows[name] = dict(forward_s=fwd, backward_s=bwd, optimizer_s=opt, step_s=step,
-                          images_per_s=batch_size / step, flops_per_image=f + b,
-                          achieved_gflops=(f + b) * batch_size / step / 1e9,
-                          mfu=(f + b) * batch_size / step / peak, peak_memory_mb=peak_memory_mb(dev))
-    return rows
+        r.update(seconds=r['forward_s'] + r['backward_s'] + r['optimizer_s'], images=batch_size,
+                 flops=(f + b) * batch_size, peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0])
+        rows[name] = r
+        log(name, r)
+    if compile:
+        torch._dynamo.reset()  # drop the compiled graphs and what they hold
 
 
-def bench_generation(model, dev):
-    """Reports/s of beam search (4 beams) writing exactly gen_new_tokens tokens, with LoRA
-    folded into the weights as sample.py and eval.py run it."""
+def bench_generation(model, dev, rows, log):
+    """Beam search (4 beams) writing exactly gen_new_tokens tokens per report, image encoding
+    included, with LoRA folded into the weights as sample.py and eval.py run it; the better
+    of two calls, as this shared machine's noise only ever adds time."""
     import lora
     model.eval()
     lora.merge_lora(model)
-    out, t = {}, Timer(dev)
-    flops = generation_flops_per_report(model, 4, gen_new_tokens)  # per report, at any batch size
-    for B in (1, 16):
+    t = Timer(dev)
+    per_report = generation_flops_per_report(model, 4, gen_new_tokens)  # at any batch size
+    n = gen_new_tokens + 1  # the start token, then exactly gen_new_tokens new ones
+    kw = dict(num_beams=4, no_repeat_ngram_size=3, min_length=n, max_length=n)
+    for B in GENERATION_BATCHES:
         images = batch(model, B, dev)['images']
-        n = gen_new_tokens + 1  # the start token, then exactly gen_new_tokens new ones
-        kw = dict(num_beams=4, no_repeat_ngram_size=3, min_length=n, max_length=n)
+        reset_peak_memory(dev)
         model.generate(images[:1], [0], **dict(kw, min_length=4, max_length=4))  # warm-up
         dt = float('inf')
-        for _ in range(2):  # the better of two: this shared machine's noise only ever adds time
+        for _ in range(2):
             t0 = t.now()
             ids = model.generate(images, [0], **kw)
             dt = min(dt, t.now() - t0)
-        out[f'batch{B}'] = dict(seconds=dt, reports_per_s=B / dt, new_tokens=ids.shape[1] - 1,
-                                flops_per_report=flops, achieved_gflops=flops * B / dt / 1e9)
-    out['speedup_16_vs_1'] = out['batch16']['reports_per_s'] / out['batch1']['reports_per_s']
+        rows[f'generate_b{B}'] = r = dict(seconds=dt, images=B, new_tokens=ids.shape[1] - 1, flops=per_report * B,
+                                          peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0])
+        log(f'generate_b{B}', r)
     lora.unmerge_lora(model)
-    return out
+
+
+def measure(which, column, dev, log=lambda name, row: None):
+    """(parameters, rows): every row of one column at one size, on a freshly built model."""
+    model = build(which, dev)
+    if column == 'cpu':
+        hardware.use_cpu_kernels(model)
+    params, rows = sum(p.numel() for p in model.parameters()), {}
+    bench_training(model, dev, rows, log)
+    bench_generation(model, dev, rows, log)
+    del model
+    gc.collect()
+    return params, rows
 
 
 def bench_data(tmpdir):
@@ -288,8 +332,9 @@ def bench_data(tmpdir):
 
 
 def bench_lora_vs_peft(dev):
-    """Our LoRA against peft's on SigLIP-base's q_proj and v_proj (r 8, alpha 16): the same
-    outputs after copying the adapters across, and the step-time ratio."""
+    """Our LoRA against peft's on SigLIP-base's q_proj and v_proj (r 8, alpha 16), both on
+    plain F.linear: the same outputs after copying the adapters across, and the step-time
+    ratio. None without peft."""
     try:
         import peft
     except ImportError:
@@ -316,14 +361,14 @@ def bench_lora_vs_peft(dev):
     with torch.no_grad():
         diff = (ours(pixel_values=x).last_hidden_state - theirs(pixel_values=x).last_hidden_state).abs().max().item()
     t, times = Timer(dev), {}
-    for name, m in (('ours', ours), ('peft', theirs), ('ours ', ours), ('peft ', theirs)):  # interleaved, twice
+    for name, m in (('ours', ours), ('peft', theirs), ('ours', ours), ('peft', theirs)):  # interleaved, twice
         m.train()
         best = float('inf')
         for _ in range(steps + 3):
             t0 = t.now()
             m(pixel_values=x).last_hidden_state.float().pow(2).mean().backward()
             best = min(best, t.now() - t0)
-        times[name.strip()] = min(best, times.get(name.strip(), float('inf')))
+        times[name] = min(best, times.get(name, float('inf')))
     return dict(max_abs_diff=diff, ours_step_s=times['ours'], peft_step_s=times['peft'],
                 time_ratio=times['ours'] / times['peft'])
 
@@ -331,116 +376,171 @@ def bench_lora_vs_peft(dev):
 def iu_train_count():
     if iu_train_images:
         return iu_train_images
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'iu_xray', 'indiana_projections.csv')
+    path = os.path.join(os.environ.get('CHEXQUERY_IU_TABLES', ''), 'indiana_projections.csv')
     n = IU_FRONTAL_IMAGES
-    if os.path.exists(path):
+    if os.path.isfile(path):
         import csv
         with open(path, newline='') as f:
             n = sum(r['projection'] == 'Frontal' for r in csv.DictReader(f))
     return round(0.7 * n)
 
 
-def targets(r):
-    """(target, measured, met?) rows of the issue's targets, for the real size."""
-    t, rows = r['training'], []
-    rows.append(('phase-2 step >= 60% of the matmul peak', f"{t['phase2']['mfu']:.0%}", t['phase2']['mfu'] >= 0.6))
-    # Beside each speed ratio, its FLOP ratio: a target past it asks the faster side to run at a
-    # higher FLOP rate than the other (0.45x against FLOPs of 0.62x: 1.4x phase 2's rate).
-    flops = {k: v['flops_per_image'] for k, v in t.items()}
-    ratio = t['phase1']['step_s'] / t['phase2']['step_s']
-    rows.append(('phase-1 step <= 0.45x phase-2 step',
-                 f"{ratio:.2f}x (FLOPs {flops['phase1'] / flops['phase2']:.2f}x)", ratio <= 0.45))
-    speed = t['phase1']['step_s'] / t['phase1_cached']['step_s']
-    rows.append(('cached phase-1 epochs >= 5x faster',
-                 f"{speed:.1f}x (FLOPs {flops['phase1'] / flops['phase1_cached']:.1f}x)", speed >= 5))
-    d = r['data']['prepared 448 px']['samples_per_s_per_core']
-    rows.append(('data path >= 100 samples/s/core (prepared)', f"{d:.0f}/s", d >= 100))
-    g = r['generation']
-    rows.append(('generation batch 16 >= 4x batch 1 reports/s',  # a report costs the same FLOPs at any batch
-                 f"{g['speedup_16_vs_1']:.1f}x (FLOPs 1.0x; {g['batch1']['achieved_gflops']:.0f} vs "
-                 f"{g['batch16']['achieved_gflops']:.0f} GFLOP/s)", g['speedup_16_vs_1'] >= 4))
-    if r.get('lora_vs_peft'):
-        lp = r['lora_vs_peft']
-        rows.append(('our LoRA within 5% of peft, diff <= 1e-5', f"{lp['time_ratio']:.3f}x, {lp['max_abs_diff']:.1e}",
-                     lp['time_ratio'] <= 1.05 and lp['max_abs_diff'] <= 1e-5))
-    rows.append((f'peak memory, phase 2, batch {batch_size}, fp32 (no target)', f"{t['phase2']['peak_memory_mb']:.0f} MB", None))
-    return rows
+# -----------------------------------------------------------------------------
+# from measurements to the report
+
+def add_rates(rows, peak):
+    """Each row's FLOP rate and MFU, against the run's best matmul peak (FLOP/s)."""
+    for r in rows.values():
+        r['gflops_per_s'] = r['flops'] / r['seconds'] / 1e9
+        r['mfu'] = r['flops'] / r['seconds'] / peak
 
 
-def run(which, dev, peak, data_speed):
-    t0 = time.time()
-    model = build(which, dev)
-    r = dict(size=which, params=sum(p.numel() for p in model.parameters()), batch_size=batch_size, seq_len=seq_len)
-    if which == 'real':
-        r['data'] = data_speed
-    r['training'] = bench_training(model, dev, peak)
-    r['generation'] = bench_generation(model, dev)
-    n = iu_train_count()
-    flops = schedule_flops(model, n)
-    r['projection'] = dict(iu_train_images=n, schedule_flops=flops, device=device_name, device_peak_tflops=device_peak_tflops,
-                           mfu=r['training']['phase2']['mfu'],
-                           hours=flops / (r['training']['phase2']['mfu'] * device_peak_tflops * 1e12) / 3600,
-                           hours_this_machine=flops / (r['training']['phase2']['mfu'] * peak) / 3600)
-    if which == 'real':
-        r['lora_vs_peft'] = bench_lora_vs_peft(dev)
-        r['targets'] = [dict(target=a, measured=b, met=c) for a, b, c in targets(r)]
-    r['seconds'] = time.time() - t0
-    return r
+def ratios(columns):
+    """[{what, measured: {column: ratio}, flop_ratio}]: each speed ratio beside the ratio it
+    would have if both sides ran at the same FLOP rate. A ratio past its FLOP ratio asks one side
+    for a higher FLOP rate than the other; one at it means equal efficiency."""
+    out = []
+
+    def pair(what, a, b, throughput=False):
+        """a's time over b's; throughput=True: b's images/s over a's."""
+        present = {c: rows for c, rows in columns.items() if a in rows and b in rows}
+        if not present:
+            return
+        if throughput:  # seconds per image, and FLOPs per image
+            a_s, b_s = ({c: r[k]['seconds'] / r[k]['images'] for c, r in present.items()} for k in (a, b))
+            f = next(iter(present.values()))
+            flops = (f[a]['flops'] / f[a]['images']) / (f[b]['flops'] / f[b]['images'])
+        else:
+            a_s, b_s = ({c: r[k]['seconds'] for c, r in present.items()} for k in (a, b))
+            f = next(iter(present.values()))
+            flops = f[a]['flops'] / f[b]['flops']
+        out.append(dict(what=what, measured={c: a_s[c] / b_s[c] for c in present}, flop_ratio=flops))
+
+    pair('phase-1 step / phase-2 step (time)', 'phase1', 'phase2')
+    pair('phase-3 step / phase-2 step (time)', 'phase3', 'phase2')
+    pair('cached phase-1 speed-up (phase 1 / cached)', 'phase1', 'phase1_cached')
+    pair('phase-2 speed-up from torch.compile', 'phase2', 'phase2_compiled')
+    pair('reports/s, batch 16 / batch 1', 'generate_b1', 'generate_b16', throughput=True)
+    if 'plain' in columns and 'cpu' in columns:  # the same FLOPs on either path
+        for name in columns['cpu']:
+            if name in columns['plain']:
+                out.append(dict(what=f'use_cpu_kernels speed-up, {name}', flop_ratio=1.0,
+                                measured={'cpu': columns['plain'][name]['seconds'] / columns['cpu'][name]['seconds']}))
+    return out
 
 
-def report(r):
-    print(f"\n== {r['size']} size: {r['params']:,} parameters, batch {r['batch_size']}, {r['seq_len']} decoder tokens")
-    print(f"{'':<14}{'fwd s':>8}{'bwd s':>8}{'opt s':>8}{'step s':>8}{'img/s':>8}{'GFLOP/img':>11}{'GFLOP/s':>9}{'MFU':>6}{'peak MB':>9}")
-    for k, v in r['training'].items():
-        extra = (f"{v['flops_per_image'] / 1e9:>11.1f}{v['achieved_gflops']:>9.1f}{v['mfu']:>6.0%}{v['peak_memory_mb']:>9.0f}"
-                 if 'mfu' in v else '')
-        print(f"{k:<14}{v['forward_s']:>8.3f}{v['backward_s']:>8.3f}{v['optimizer_s']:>8.3f}{v['step_s']:>8.3f}"
-              f"{v['images_per_s']:>8.2f}" + extra)
-    g = r['generation']
-    print(f"generation (4 beams, {gen_new_tokens} new tokens, {g['batch1']['flops_per_report'] / 1e9:.1f} GFLOP per "
-          f"report): batch 1 {g['batch1']['reports_per_s']:.3f} reports/s ({g['batch1']['achieved_gflops']:.1f} GFLOP/s), "
-          f"batch 16 {g['batch16']['reports_per_s']:.3f} reports/s ({g['batch16']['achieved_gflops']:.1f} GFLOP/s): "
-          f"{g['speedup_16_vs_1']:.1f}x")
-    p = r['projection']
-    print(f"three-phase schedule on IU X-ray ({p['iu_train_images']} train images, 5+15+5 epochs): "
-          f"{p['schedule_flops'] / 1e15:.1f} PFLOP; at this MFU ({p['mfu']:.0%}) on {p['device']} "
-          f"({p['device_peak_tflops']:.0f} TFLOP/s): {p['hours']:.2f} h; on this machine: {p['hours_this_machine']:.0f} h")
-    for name, v in r.get('data', {}).items():
-        print(f"data path, {name}: {v['samples_per_s_per_core']:.1f} samples/s per core")
-    if r.get('lora_vs_peft'):
-        lp = r['lora_vs_peft']
-        print(f"LoRA vs peft (SigLIP q/v, batch 2): ours {lp['ours_step_s']:.3f}s, peft {lp['peft_step_s']:.3f}s "
-              f"({lp['time_ratio']:.3f}x), max |diff| {lp['max_abs_diff']:.1e}")
-    for t in r.get('targets', []):
-        status = '-' if t['met'] is None else 'met' if t['met'] else 'MISSED'
-        print(f"  [{status:>6}] {t['target']:<50} {t['measured']}")
+def schedule(model_rows, n_train, peak):
+    """The methodology's three phases over n_train images at each phase's measured FLOP rate
+    (hours here), and at the same MFU on device_name (a projection, not a measurement)."""
+    flops = sum(epochs * n_train * model_rows[f'phase{p}']['flops'] / batch_size for p, epochs in SCHEDULE)
+    seconds = sum(epochs * n_train / batch_size * model_rows[f'phase{p}']['seconds'] for p, epochs in SCHEDULE)
+    mfu = flops / seconds / peak
+    return dict(iu_train_images=n_train, flops=flops, hours=seconds / 3600, mfu=mfu, device=device_name,
+                device_hours=flops / (mfu * device_peak_tflops * 1e12) / 3600)
+
+
+def label(name):
+    if name.startswith('generate_b'):
+        B = int(name[len('generate_b'):])
+        return f"generate, batch {B}"
+    return {'phase1': 'phase 1 step', 'phase2': 'phase 2 step', 'phase3': 'phase 3 step',
+            'phase1_cached': 'phase 1, cached', 'phase2_compiled': 'phase 2, compiled'}[name]
+
+
+def report(run):
+    cols = run['columns']
+    names = list(next(iter(cols.values())))
+    print(f"\n== {run['size']} size: {run['params']:,} parameters; training batch {batch_size}, {seq_len} decoder "
+          f"tokens; generation 4 beams, {gen_new_tokens} new tokens")
+    print(f"{'':<20}{'':>9}" + ''.join(f" | {COLUMNS[c]:<31}" for c in cols))
+    print(f"{'':<20}{'GFLOP':>9}" + f" | {'s':>9}{'GFLOP/s':>8}{'MFU':>5}{'peak MB':>9}" * len(cols)
+          + (f" | {'speed-up':>8}" if len(cols) == 2 else ''))
+    for name in names:
+        line = f"{label(name):<20}{cols[next(iter(cols))][name]['flops'] / 1e9:>9.1f}"
+        for c in cols:
+            r = cols[c].get(name)
+            line += (f" | {r['seconds']:>9.3f}{r['gflops_per_s']:>8.1f}{r['mfu']:>5.0%}{r['peak_memory_mb']:>9.0f}"
+                     if r else f" | {'':>31}")
+        if len(cols) == 2 and all(name in cols[c] for c in cols):
+            line += f" | {cols['plain'][name]['seconds'] / cols['cpu'][name]['seconds']:>7.2f}x"
+        print(line)
+    print("  GFLOP: one training step of the batch, or one generate call of the batch (counted analytically);\n"
+          "  speed-up: plain / use_cpu_kernels time, the same FLOPs (1.00x at equal FLOP rate)")
+    for c, rows in cols.items():
+        if 'phase2_compiled' in rows:
+            print(f"  {COLUMNS[c]}: torch.compile's first phase-2 step {rows['phase2_compiled']['first_step_s']:.0f} s "
+                  f"(compiling), then {rows['phase2_compiled']['seconds']:.3f} s against {rows['phase2']['seconds']:.3f} s")
+    print(f"{'ratio':<46}" + ''.join(f"{COLUMNS[c]:>18}" for c in cols) + f"{'at equal FLOP rate':>20}")
+    for r in run['ratios']:
+        if r['what'].startswith('use_cpu_kernels'):
+            continue  # in the table's last column
+        print(f"{r['what']:<46}" + ''.join(f"{r['measured'][c]:>17.2f}x" if c in r['measured'] else f"{'':>18}"
+                                           for c in cols) + f"{r['flop_ratio']:>19.2f}x")
+    for c, p in run.get('schedule', {}).items():
+        print(f"three-phase schedule on IU X-ray, {COLUMNS[c]} ({p['iu_train_images']} images, 5+15+5 epochs, "
+              f"{p['flops'] / 1e15:.1f} PFLOP): {p['hours']:.1f} h here at {p['mfu']:.0%} MFU; at that MFU on "
+              f"{p['device']}, {p['device_hours']:.2f} h (a projection)")
 
 
 def main():
-    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    import chexquery
-    if dev == 'cpu':
-        chexquery.keep_freed_memory()  # as train.py and sample.py do
-    peaks = matmul_peak(dev)  # the machine's peak: with oneDNN wherever it is available
-    peak = max(peaks.values())
-    chexquery.ONEDNN_LINEAR = chexquery.ONEDNN_LINEAR and onednn_linear
-    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                   cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), device=dev,
+    dev = hardware.resolve_device(device)
+    columns = ('plain', 'cpu') if kernels == 'both' else (kernels,)
+    if kernels not in ('both', 'plain', 'cpu'):
+        raise ValueError(f"kernels must be 'both', 'plain' or 'cpu', got {kernels!r}")
+    if dev != 'cpu':
+        columns = ('plain',)  # the CPU kernels are for the CPU
+    sizes = ('tiny', 'real') if size == 'both' else (size,)
+    peaks = matmul_peak(dev)
+    machine = dict(cpu=cpu_name(), cpus=os.cpu_count(), threads=torch.get_num_threads(), platform=platform.platform(),
+                   torch=torch.__version__, transformers=__import__('transformers').__version__, device=dev,
                    cuda=torch.cuda.get_device_name() if dev.startswith('cuda') else None,
-                   load_average=os.getloadavg(), matmul_peak_gflops=peak / 1e9, onednn_linear=chexquery.ONEDNN_LINEAR,
-                   matmul_gflops={k: v / 1e9 for k, v in peaks.items()})
-    print(f"{machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']} on {dev}; "
-          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s ("
-          + ', '.join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + f"); linear layers on "
-          f"{'oneDNN' if chexquery.ONEDNN_LINEAR else 'F.linear'}; load average {machine['load_average'][0]:.2f}")
-    results = dict(machine=machine, runs=[])
-    with tempfile.TemporaryDirectory() as tmpdir:
-        # The data path first, in a process that has run no model yet, as a data worker is.
-        data_speed = bench_data(tmpdir) if size in ('real', 'both') else None
-        for which in (('tiny', 'real') if size == 'both' else (size,)):
-            r = run(which, dev, peak, data_speed)
-            report(r)
-            results['runs'].append(r)
+                   load_average_start=os.getloadavg(), matmul_gflops_start={k: v / 1e9 for k, v in peaks.items()})
+    print(f"{machine['cpu']}, {machine['cpus']} CPUs, {machine['threads']} threads, torch {machine['torch']}, "
+          f"transformers {machine['transformers']}, on {dev}; load average {machine['load_average_start'][0]:.2f}; "
+          f"fp32 matmul " + ', '.join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + " GFLOP/s")
+    results = dict(machine=machine, settings=dict(batch_size=batch_size, seq_len=seq_len, steps=steps,
+                                                  warmup_steps=warmup_steps, gen_new_tokens=gen_new_tokens),
+                   runs={s: dict(size=s, columns={}) for s in sizes})
+    if 'real' in sizes:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            # first, in a process that has run no model yet, as a data worker is
+            results['data'] = bench_data(tmpdir)
+        results['lora_vs_peft'] = bench_lora_vs_peft(dev)
+
+    def log(name, r):
+        print(f"  {name:<16} {r['seconds']:8.3f} s   (load average {r['load_average']:.2f})", flush=True)
+
+    # Column by column, plain first: keep_freed_memory changes glibc for the rest of the
+    # process and cannot be undone, so no plain row may run after a use_cpu_kernels one.
+    for c in columns:
+        for s in sizes:
+            print(f"{s} size, {COLUMNS[c]}:", flush=True)
+            results['runs'][s]['params'], results['runs'][s]['columns'][c] = measure(s, c, dev, log)
+    end = matmul_peak(dev)
+    machine.update(load_average_end=os.getloadavg(), matmul_gflops_end={k: v / 1e9 for k, v in end.items()})
+    peak = max(max(peaks.values()), max(end.values()))
+    machine['matmul_peak_gflops'] = peak / 1e9
+    print(f"\nfp32 matmul peak, the MFU denominator: {peak / 1e9:.0f} GFLOP/s (at the end: "
+          + ', '.join(f"{k} {v / 1e9:.0f}" for k, v in end.items()) + f"); load average at the end "
+          f"{machine['load_average_end'][0]:.2f}")
+    n_train = iu_train_count()
+    for s in sizes:
+        run = results['runs'][s]
+        for rows in run['columns'].values():
+            add_rates(rows, peak)
+        run['ratios'] = ratios(run['columns'])
+        if s == 'real':
+            run['schedule'] = {c: schedule(rows, n_train, peak) for c, rows in run['columns'].items()}
+    for s in sizes:
+        report(results['runs'][s])
+    for name, v in results.get('data', {}).items():
+        print(f"data path, {name}: {v['samples_per_s_per_core']:.1f} samples/s per core")
+    lp = results.get('lora_vs_peft')
+    if lp:
+        print(f"LoRA vs peft (SigLIP q/v, batch 2): ours {lp['ours_step_s']:.3f} s, peft {lp['peft_step_s']:.3f} s "
+              f"({lp['time_ratio']:.3f}x), max |diff| {lp['max_abs_diff']:.1e}")
+    elif 'real' in sizes:
+        print("LoRA vs peft: peft is not installed")
     with open(out, 'w') as f:
         json.dump(results, f, indent=1)
     print(f"wrote {out}")
