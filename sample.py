@@ -50,6 +50,18 @@ def list_images(path):
     return [path]
 
 
+def read_images(paths):
+    """[(path, RGB image)] of the readable files. Each unreadable one is left out and reported
+    on stderr as 'error: <message>': data.load_image's message already names the file."""
+    loaded = []
+    for f in paths:
+        try:
+            loaded.append((f, data.load_image(f)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+    return loaded
+
+
 def heat(values):
     """A (h, w) array in [0, 1] -> an RGB uint8 heat map (black-red-yellow-white)."""
     v = np.clip(values, 0, 1)[..., None]
@@ -78,6 +90,7 @@ def attention_grid(image, attention, gate, title, cell=160):
 
 
 def main():
+    files = list_images(images)  # a wrong path fails before a model is loaded
     dev = hardware.resolve_device(device)
     model, meta = load_checkpoint(ckpt or out_dir, dev, merge_lora=True)
     if dev == 'cpu' and cpu_kernels:
@@ -90,15 +103,10 @@ def main():
     if attention_dir:
         os.makedirs(attention_dir, exist_ok=True)
     failed = 0
-    files = list_images(images)
     for start in range(0, len(files), batch_size):
-        loaded = []
-        for f in files[start:start + batch_size]:
-            try:
-                loaded.append((f, data.load_image(f)))
-            except ValueError as e:  # one bad file is reported (the message names it), the rest still run
-                failed += 1
-                print(f"error: {e}", file=sys.stderr)
+        batch = files[start:start + batch_size]
+        loaded = read_images(batch)  # one bad file is reported, the rest still run
+        failed += len(batch) - len(loaded)
         if not loaded:
             continue
         x = torch.stack([transform(im) for _, im in loaded]).to(dev)

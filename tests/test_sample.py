@@ -1,13 +1,16 @@
-"""sample.py on a tiny phantom checkpoint: reports and sorted probabilities for PNG and
-JPEG files of any mode and size, --json, attention grids, and a bad file that is
-reported while the others still run."""
+"""sample.py: a bad file is named once and the others still run, a wrong path fails before a
+model loads, the whole run in-process on an untrained checkpoint; slow: on a trained tiny
+phantom checkpoint, reports and sorted probabilities for PNG and JPEG files of any mode and
+size, --json, attention grids."""
 import json
 import os
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
+import sample
 from chexpert import CONDITIONS
 from conftest import run_script
 
@@ -27,12 +30,81 @@ def image_dir(phantom_dir, tmp_path):
     return d
 
 
+def test_a_bad_file_is_reported_in_load_images_words_and_the_others_still_load(phantom_dir, tmp_path, capsys):
+    """Issue 19: sample.py once prefixed the file's name to a message that already held it."""
+    import data
+    d = image_dir(phantom_dir, tmp_path)
+    bad = [str(d / 'f_broken.png'), str(d / 'missing.png')]
+    loaded = sample.read_images(sample.list_images(str(d)) + bad[1:])
+    assert [os.path.basename(f) for f, _ in loaded] == ['a_gray.png', 'b_rgb.jpg', 'c_palette.png', 'd_16bit.png',
+                                                        'e_rgba.png']
+    assert all(im.mode == 'RGB' for _, im in loaded)
+    lines = capsys.readouterr().err.strip().split('\n')
+    assert len(lines) == 2
+    for line, path in zip(lines, bad):
+        with pytest.raises(ValueError) as e:
+            data.load_image(path)
+        assert line.count(path) == str(e.value).count(path) >= 1  # named, and sample.py adds no name of its own
+    assert lines[1].count('missing.png') == 1
+
+
+@pytest.mark.xfail(reason="data.load_image keeps PIL's 'cannot identify image file <path>' in its reason, so the "
+                          "path shows twice; the fix belongs in data.py", strict=False)
+def test_an_unidentifiable_file_is_named_once(tmp_path, capsys):
+    (tmp_path / 'f_broken.png').write_bytes(b'this is not an image')
+    assert sample.read_images([str(tmp_path / 'f_broken.png')]) == []
+    assert capsys.readouterr().err.count('f_broken.png') == 1
+
+
+def test_a_wrong_images_path_fails_before_a_model_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, 'images', str(tmp_path / 'nothing'))
+    monkeypatch.setattr(sample, 'out_dir', str(tmp_path / 'no-run'))  # would fail too, later
+    with pytest.raises(FileNotFoundError, match='nothing'):
+        sample.main()
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='empty'):
+        sample.list_images(str(tmp_path / 'empty'))
+
+
+@pytest.fixture(scope='module')
+def random_run(phantom_dir, tmp_path_factory):
+    """A run directory with an untrained tiny checkpoint on the phantom set (seconds, no training)."""
+    import torch
+    import data
+    from chexquery import CheXQuery, save_checkpoint, tiny_config
+    torch.manual_seed(0)
+    model = CheXQuery(tiny_config(vocab_size=len(data.load_tokenizer(phantom_dir)), image_size=64))
+    config = dict(data_dir=phantom_dir, prompt='Findings:', max_len=64, uncertain='positive', tokenizer='',
+                  model_size='tiny', text_model='')
+    out = tmp_path_factory.mktemp('random_run')
+    save_checkpoint(out / 'ckpt.safetensors', model, dict(config=config))
+    return str(out)
+
+
+def test_main_in_process_reports_each_readable_image_and_fails_for_the_bad_one(random_run, phantom_dir, tmp_path,
+                                                                                monkeypatch, capsys):
+    d = image_dir(phantom_dir, tmp_path)
+    for k, v in dict(out_dir=random_run, images=str(d), json=True, attention_dir=str(tmp_path / 'attn'), batch_size=4,
+                     num_beams=1, max_length=8, min_length=1).items():
+        monkeypatch.setattr(sample, k, v)
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.strip().split('\n')]
+    assert [os.path.basename(r['image']) for r in records] == ['a_gray.png', 'b_rgb.jpg', 'c_palette.png',
+                                                               'd_16bit.png', 'e_rgba.png']
+    assert all(set(r['probabilities']) == set(CONDITIONS) and os.path.exists(r['attention_png']) for r in records)
+    assert 'f_broken.png' in err
+
+
+@pytest.mark.slow
 def test_reports_probabilities_and_a_bad_file(tiny_run, phantom_dir, tmp_path):
     d = image_dir(phantom_dir, tmp_path)
     r = run_script('sample.py', f'--out_dir={tiny_run}', f'--images={d}', '--num_beams=2', '--max_length=60',
                    '--min_length=5', check=False)
     assert r.returncode == 1  # a file failed...
-    assert 'f_broken.png' in r.stderr and '1 of 6 files could not be read' in r.stderr
+    assert 'f_broken.png' in r.stderr and '1 of 6' in r.stderr
     blocks = r.stdout.split('== ')[1:]  # ...and the other five were still processed
     assert [b.split('\n')[0].rsplit('/', 1)[-1] for b in blocks] == \
         ['a_gray.png', 'b_rgb.jpg', 'c_palette.png', 'd_16bit.png', 'e_rgba.png']
@@ -46,6 +118,7 @@ def test_reports_probabilities_and_a_bad_file(tiny_run, phantom_dir, tmp_path):
         assert all((mark == '*') == (p >= 0.5) for mark, p, _ in rows)
 
 
+@pytest.mark.slow
 def test_json_and_attention_grids(tiny_run, phantom_dir, tmp_path):
     d = image_dir(phantom_dir, tmp_path)
     (d / 'f_broken.png').unlink()
@@ -67,11 +140,13 @@ def test_json_and_attention_grids(tiny_run, phantom_dir, tmp_path):
     assert np.abs(p['a_gray.png'] - p['e_rgba.png']).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_missing_images_argument_is_a_clear_error(tiny_run, tmp_path):
     r = run_script('sample.py', f'--out_dir={tiny_run}', f'--images={tmp_path}/nothing', check=False)
     assert r.returncode != 0 and 'nothing' in r.stderr and 'no such file or directory' in r.stderr
 
 
+@pytest.mark.slow
 def test_load_model_folds_lora_into_the_weights(tiny_run):
     """sample.py and eval.py generate from merged weights: the same outputs, no adapter cost."""
     import torch
