@@ -9,19 +9,33 @@ Generation mode writes out_dir/predictions_<split>.jsonl (id, reference, hypothe
 probabilities, labels), out_dir/metrics_<split>.json and out_dir/metrics_<split>.txt.
 It reports:
 - BLEU-1..4 (corpus), ROUGE-L (rouge-score) and METEOR (nltk) on normalized text;
-- the R2Gen family's convention (pycocoevalcap's corpus BLEU and ROUGE-L on lowercased,
-  punctuation-split text), so numbers compare with published tables;
+- the paper-style row in the R2Gen family's convention (pycocoevalcap on lowercased,
+  punctuation-split text): BLEU-1..4, METEOR 1.5 (its Java jar; marked unavailable without
+  Java, never replaced), ROUGE-L and CIDEr-D, so numbers compare with published tables;
 - clinical efficacy: the labeler on hypothesis and reference, P/R/F1 per condition,
   micro and macro over the 14 and over the 5 common conditions;
 - the aux head's ROC-AUC per condition (and a ROC PNG); BERTScore with a local model;
+- per condition, the reports' clinical F1 (model and retrieval) beside the aux head's AUC:
+  a condition the queries know (high AUC) that the decoder does not write (low F1) shows;
 - baselines scored the same way: the most frequent training report, and retrieval of
   the training report whose image is nearest (32 x 32 thumbnails, cosine);
-- on phantom data, grounding: the share of each anatomical query's attention in its region.
+- on phantom data, grounding of each anatomical query in its region's box: the share of its
+  attention inside, and pointing, how often its peak patch touches the box, each beside chance.
+
+Honest counting: an empty (or null) hypothesis stays in and scores 0 on every text metric;
+a record whose reference is empty is the data's fault, left out of the text and clinical
+scores and named (the aux AUC, which reads its labels, keeps it).
+A report is scored on its first metrics.MAX_TOKENS (1,000) tokens (words and punctuation
+marks) and metrics.MAX_CHARS (20,000) characters: a longer one (no real report is) is cut,
+with a warning naming its record. That bounds time and memory: a 2,000,000-character pair,
+which once took 24 GB (ROUGE-L's LCS table is tokens x tokens), scores in seconds within
+the ~0.75 GB that eval.py's imports take anyway.
 """
 import json
 import os
 import sys
 from collections import Counter
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -30,7 +44,8 @@ import data
 import hardware
 from chexpert import CONDITIONS, binarize, make_labeler
 from chexquery import GENERATION, load_checkpoint
-from metrics import auc_per_condition, clinical_metrics, grounding, nlg_metrics, region_shares
+from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_metrics, clip, grounding,
+                     nlg_metrics, normalize, region_shares)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                  # a training run: generate for `split` with its ckpt.safetensors
@@ -46,6 +61,7 @@ chexbert = ''                 # chexbert.pth for clinical labels instead of the 
 bert = ''                     # ... with a local bert-base-uncased
 bertscore_model = ''          # a local model directory turns BERTScore on
 bertscore_layer = -1          # its hidden layer used for the token embeddings
+meteor15 = True               # the paper-style row's METEOR 1.5 (pycocoevalcap's Java jar, ~10 s to start)
 baselines = True
 device = 'auto'
 cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
@@ -142,18 +158,34 @@ def read_predictions(path):
 
 
 # --- scoring and reporting ----------------------------------------------------------------------
+def named(ids, most=10):
+    return ', '.join(map(str, ids[:most])) + (f" and {len(ids) - most} more" if len(ids) > most else '')
+
+
 def score(records, train_dir='', uncertain='positive', chexbert='', bert='', bertscore_model='',
-          bertscore_layer=-1):
+          bertscore_layer=-1, meteor15=False):
     """Every metric of a list of prediction records; the baselines too when train_dir (the
-    prepared data) is given; CheXbert's labels instead of the rule labeler's with chexbert."""
+    prepared data) is given; CheXbert's labels instead of the rule labeler's with chexbert;
+    METEOR 1.5 in the paper-style row with meteor15 (starts Java once). Records with an empty
+    reference and records cut to the length limit are named on stderr and in the result."""
     label = make_labeler(chexbert=chexbert or None, bert=bert or None)
-    refs, hyps = [r['reference'] for r in records], [r['hypothesis'] for r in records]
+    refs, hyps = [r['reference'] for r in records], [r.get('hypothesis') for r in records]
+    empty_refs = [r['id'] for r in records if not normalize(clip(r['reference']))]
+    clipped = [r['id'] for r, a, b in zip(records, refs, hyps) if clip(a) != (a or '') or clip(b) != (b or '')]
+    if empty_refs:
+        print(f"warning: {len(empty_refs)} records with an empty reference are left out of the text and "
+              f"clinical scores: {named(empty_refs)}", file=sys.stderr)
+    if clipped:
+        print(f"warning: {len(clipped)} records longer than the scoring limit are scored on their first "
+              f"{metrics_limits()}: {named(clipped)}", file=sys.stderr)
     systems = {'model': hyps}
     if train_dir:
         systems.update(baseline_reports(train_dir, records))
-    out = {name: dict(nlg=nlg_metrics(refs, h, bertscore_model, bertscore_layer),
-                      clinical=clinical_metrics(refs, h, label, uncertain)) for name, h in systems.items()}
-    metrics = dict(n=len(records), labeler='CheXbert' if chexbert else 'rule-based', systems=out)
+    with Meteor15() if meteor15 else nullcontext() as m15:
+        out = {name: dict(nlg=nlg_metrics(refs, h, bertscore_model, bertscore_layer, m15),
+                          clinical=clinical_metrics(refs, h, label, uncertain)) for name, h in systems.items()}
+    metrics = dict(n=len(records), labeler='CheXbert' if chexbert else 'rule-based', systems=out,
+                   empty_reference_ids=empty_refs, clipped_ids=clipped)
     if all('probabilities' in r and 'labels' in r for r in records):
         targets = np.array([binarize(r['labels'], uncertain) for r in records])
         probs = np.array([r['probabilities'] for r in records])
@@ -166,30 +198,73 @@ def score(records, train_dir='', uncertain='positive', chexbert='', bert='', ber
     return metrics
 
 
+def metrics_limits():
+    return f"{MAX_TOKENS:,} tokens and {MAX_CHARS:,} characters"
+
+
+def fmt(x, spec='.4f'):
+    return 'n/a' if x is None or x != x else format(x, spec)
+
+
+def condition_table(metrics):
+    """Per condition: positives among the references (labeler), the reports' clinical F1
+    (model, retrieval) and the aux head's AUC."""
+    systems, auc = metrics['systems'], metrics.get('aux_auc', {})
+    retrieval = systems.get('nearest train image', {}).get('clinical')
+    lines = [f"{'per condition':<28}{'n pos':>7}{'F1 model':>10}{'F1 retrieval':>14}{'aux AUC':>9}"]
+    for c in CONDITIONS:
+        m = systems['model']['clinical'][c]
+        lines.append(f"{c:<28}{m['positives']:>7}{fmt(m['f1'], '.3f'):>10}"
+                     f"{fmt(retrieval[c]['f1'] if retrieval else None, '.3f'):>14}{fmt(auc.get(c), '.3f'):>9}")
+    return lines
+
+
+def grounding_table(g):
+    lines = ["grounding of the anatomical queries: the share of the attention inside the region's box, beside the",
+             "box's share of the image (uniform attention); pointing: how often the attention peak touches the box,",
+             "beside the share of the patches that touch it (a peak at a random patch)",
+             f"{'region':<28}{'share':>7}{'chance':>8}{'pointing':>10}{'chance':>8}"]
+    for r, v in g.items():
+        lines.append(f"{r:<28}{v['share']:>7.3f}{v['chance']:>8.3f}{fmt(v.get('pointing'), '.3f'):>10}"
+                     f"{fmt(v.get('pointing_chance'), '.3f'):>8}")
+    return lines
+
+
 def table(metrics):
-    """The human-readable summary: one row per system, then AUC and grounding."""
+    """The human-readable summary: one row per system, the paper-style row, the per-condition
+    table, then grounding."""
     cols = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l', 'meteor')
-    lines = [f"{metrics['n']} reports; clinical labels: {metrics['labeler']} labeler, "
-             f"{next(iter(metrics['systems'].values()))['clinical']['uncertain_policy']}",
-             f"{'system':<28}" + ''.join(f"{c:>8}" for c in cols) + f"{'cocoB4':>8}{'cocoRL':>8}"
+    model = metrics['systems']['model']['nlg']
+    lines = [f"{metrics['n']} reports, {model['pairs']} pairs scored; clinical labels: {metrics['labeler']} labeler, "
+             f"{metrics['systems']['model']['clinical']['uncertain_policy']}",
+             f"{model['empty_hypotheses']} empty model reports scored 0; {model['skipped_references']} records "
+             f"with an empty reference skipped; {len(metrics.get('clipped_ids', []))} records cut to "
+             f"{metrics_limits()}",
+             f"{'system':<28}" + ''.join(f"{c:>8}" for c in cols)
              + ''.join(f"{c:>9}" for c in ('F1mic14', 'F1mac14', 'F1mic5', 'F1mac5'))]
     for name, m in metrics['systems'].items():
         n, c = m['nlg'], m['clinical']
-        lines.append(f"{name:<28}" + ''.join(f"{n[k]:>8.4f}" for k in cols) + f"{n['coco']['bleu4']:>8.4f}"
-                     f"{n['coco']['rouge_l']:>8.4f}" + ''.join(f"{c[k]['f1']:>9.4f}" for k in ('micro14', 'macro14', 'micro5', 'macro5')))
-    model = metrics['systems']['model']['nlg']
-    lines.append(f"METEOR synonyms: {'on (WordNet)' if model['meteor_synonyms'] else 'off (WordNet not installed)'}; "
-                 f"{model['skipped_pairs']} pairs with an empty side skipped")
+        lines.append(f"{name:<28}" + ''.join(f"{n[k]:>8.4f}" for k in cols)
+                     + ''.join(f"{c[k]['f1']:>9.4f}" for k in ('micro14', 'macro14', 'micro5', 'macro5')))
+    synonyms = 'on (WordNet)' if model['meteor_synonyms'] else 'off (WordNet not installed)'
+    lines.append(f"METEOR (nltk) synonyms: {synonyms}")
+    lines += ['', "paper-style row, pycocoevalcap's convention (lowercased, punctuation split; "
+                  "METEOR 1.5 = its Java jar)",
+              f"{'system':<28}" + ''.join(f"{c:>8}" for c in ('BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'METEOR',
+                                                               'ROUGE-L', 'CIDEr-D'))]
+    for name, m in metrics['systems'].items():
+        c = m['nlg']['coco']
+        lines.append(f"{name:<28}" + ''.join(f"{fmt(c.get(k)):>8}" for k in ('bleu1', 'bleu2', 'bleu3', 'bleu4',
+                                                                            'meteor', 'rouge_l', 'cider')))
+    if 'meteor_unavailable' in model['coco']:
+        lines.append(f"METEOR 1.5 unavailable: {model['coco']['meteor_unavailable']}")
     if 'bertscore_f1' in model:
         lines.append(f"BERTScore F1: {model['bertscore_f1']:.4f}")
-    lines.append('per condition (model): ' + ', '.join(f"{c} F1 {metrics['systems']['model']['clinical'][c]['f1']:.2f}"
-                                                       for c in CONDITIONS))
+    lines += [''] + condition_table(metrics)
     if 'aux_auc' in metrics:
-        lines.append(f"aux head ROC-AUC mean {metrics['aux_auc']['mean']:.4f}: " +
-                     ', '.join(f"{c} {metrics['aux_auc'][c]:.2f}" for c in CONDITIONS))
+        lines.append(f"aux head ROC-AUC mean {metrics['aux_auc']['mean']:.4f}")
     if 'grounding' in metrics:
-        lines.append("grounding (attention share inside the region / uniform chance): " +
-                     ', '.join(f"{r} {v['share']:.2f}/{v['chance']:.2f}" for r, v in metrics['grounding'].items()))
+        lines += [''] + grounding_table(metrics['grounding'])
     return '\n'.join(lines)
 
 
@@ -204,23 +279,35 @@ def flatten(d, prefix=''):
 
 
 def combine_seeds(paths, split_name):
-    """mean +- std over runs of every number in their metrics JSON."""
+    """mean +- std (ddof 1; NaN for one run) over runs of every number in their metrics JSON."""
     runs = []
     for p in paths:
         f = os.path.join(p, f'metrics_{split_name}.json') if os.path.isdir(p) else p
         with open(f) as fh:
             runs.append(flatten(json.load(fh)))
     keys = [k for k in runs[0] if all(k in r for r in runs)]
-    return {k: dict(mean=float(np.mean([r[k] for r in runs])), std=float(np.std([r[k] for r in runs], ddof=1))
-                    if len(runs) > 1 else 0.0) for k in keys}
+    return {k: dict(mean=float(np.mean([r[k] for r in runs])),
+                    std=float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else float('nan')) for k in keys}
+
+
+# The numbers --seeds prints: (name, key in the flattened metrics JSON).
+HEADLINE = (('clinical F1 micro-14', 'systems.model.clinical.micro14.f1'),
+            ('clinical F1 macro-14', 'systems.model.clinical.macro14.f1'),
+            ('aux AUC mean', 'aux_auc.mean'),
+            ('BLEU-4', 'systems.model.nlg.bleu4'),
+            ('grounding share', 'grounding.mean.share'),
+            ('grounding pointing', 'grounding.mean.pointing'))
+
+
+def headline(combined):
+    """One line per headline metric: 'name: mean ± std', or why it is missing."""
+    return [f"{name}: {combined[k]['mean']:.4f} ± {fmt(combined[k]['std'])}" if k in combined else
+            f"{name}: not in every run" for name, k in HEADLINE]
 
 
 def main():
-    if seeds:
-        combined = combine_seeds([s for s in seeds.split(',') if s], split)
-        for k, v in combined.items():
-            if k.startswith('systems.model.') or k.startswith('aux_auc.mean'):
-                print(f"{k:<55} {v['mean']:.4f} +- {v['std']:.4f}")
+    if seeds:  # prints, writes nothing
+        print('\n'.join(headline(combine_seeds([s for s in seeds.split(',') if s], split))))
         return
     if predictions:
         records, target, train_dir = read_predictions(predictions), os.path.splitext(predictions)[0] + '_metrics', data_dir
@@ -234,7 +321,7 @@ def main():
     else:
         sys.exit("give --out_dir=RUN (generate and score), --predictions=FILE.jsonl or --seeds=RUN1,RUN2")
     metrics = score(records, train_dir if baselines else '', uncertain, chexbert, bert, bertscore_model,
-                    bertscore_layer)
+                    bertscore_layer, meteor15)
     text = table(metrics)
     print(text)
     with open(target + '.json', 'w') as f:
