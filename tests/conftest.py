@@ -1,4 +1,6 @@
-"""Shared test setup: never touch the network, and one small phantom set per session."""
+"""Shared test setup: never touch the network, one small phantom set and one tiny training run
+per session, train.py run in this process, and raw-data fixtures."""
+import json
 import os
 import sys
 
@@ -7,6 +9,18 @@ import pytest
 os.environ['HF_HUB_OFFLINE'] = '1'  # a hub name fails at once instead of after ~28 s of retries
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (a module opts in with pytestmark): at the tiny sizes a
+    second thread gains little, and on a shared 2-core machine OpenMP's waiting threads made
+    steps up to 3x slower (10 tiny training steps: 5.7 s on one thread, 10.8 s on two)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')
@@ -44,11 +58,83 @@ def tiny_train_args(data_dir, out_dir, **overrides):
     return ['train.py', 'config/phantom.py'] + [f'--{k}={v}' for k, v in kw.items()]
 
 
+def train_in_process(data_dir, out_dir, **overrides):
+    """Runs train.py in this process (no interpreter start, no second import of torch) with
+    tiny_train_args; returns (exit code, what it printed). Its errors are raised as they are.
+    Patch chexquery.CheXQuery.forward beforehand to make a step misbehave."""
+    import contextlib
+    import io
+    import runpy
+    import signal
+    import torch
+    argv, handler, out, threads = sys.argv, signal.getsignal(signal.SIGINT), io.StringIO(), torch.get_num_threads()
+    sys.argv = tiny_train_args(data_dir, out_dir, **overrides)
+    code = 0
+    torch.set_num_threads(1)  # see one_thread
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGINT, handler)  # train.py installs its Ctrl-C handler
+        torch.set_num_threads(threads)
+    return code, out.getvalue()
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    """{iteration: training loss} of a run's metrics.jsonl."""
+    return {m['iter']: m['loss'] for m in read_metrics(out_dir) if 'loss' in m}
+
+
 @pytest.fixture(scope='session')
 def tiny_run(phantom_dir, tmp_path_factory):
     """out_dir of a 30-iteration phantom training run (ckpt.safetensors, metrics.jsonl, its stdout)."""
     out = str(tmp_path_factory.mktemp('runs') / 'tiny')
-    r = run_script(*tiny_train_args(phantom_dir, out))
+    code, printed = train_in_process(phantom_dir, out)
+    assert code == 0, printed[-3000:]
     with open(os.path.join(out, 'stdout.txt'), 'w') as f:
-        f.write(r.stdout + r.stderr)
+        f.write(printed)
     return out
+
+
+# --- raw data in the datasets' real layouts ----------------------------------------------
+def write_csv(path, header, rows):
+    import csv
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def iu_fixture(root, n=20):
+    """IU X-ray in the Kaggle layout: n studies with one frontal and one lateral image each,
+    plus the odd cases (1: XXXX to clean, 2: findings empty, 3: both empty, 4: no frontal)."""
+    import numpy as np
+    from PIL import Image
+    images = root / 'images' / 'images_normalized'
+    images.mkdir(parents=True)
+    reports = [('1', 'The heart is normal.There is no XXXX effusion. Lungs are clear.', 'No acute disease.'),
+               ('2', '', 'Cardiomegaly.'),                         # findings empty: kept
+               ('3', 'XXXX XXXX.', 'XXXX.'),                      # both empty after cleaning: dropped
+               ('4', 'Small left pleural effusion.', 'Effusion.')]  # no frontal image: dropped
+    reports += [(str(i), f'Finding number {i}.', 'Normal.') for i in range(5, n + 1)]
+    write_csv(root / 'indiana_reports.csv', ['uid', 'MeSH', 'Problems', 'image', 'indication', 'comparison',
+                                            'findings', 'impression'],
+              [(u, 'normal', 'normal', 'Xray Chest', 'Cough. XXXX pain.', '', f, i) for u, f, i in reports])
+    rows = []
+    for u, _, _ in reports:
+        if u != '4':
+            rows.append((u, f'{u}_IM-1.dcm.png', 'Frontal'))
+        rows.append((u, f'{u}_IM-2.dcm.png', 'Lateral'))
+    write_csv(root / 'indiana_projections.csv', ['uid', 'filename', 'projection'], rows)
+    rng = np.random.default_rng(0)
+    for u, name, _ in rows:
+        Image.fromarray(rng.integers(0, 255, (700, 600), dtype=np.uint8)).save(images / name)
+    return root

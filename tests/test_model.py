@@ -8,6 +8,7 @@ from chexquery import (CONDITIONS, FLAN_T5_BASE, SIGLIP_BASE_384, TINY_TEXT, TIN
 
 os.environ['HF_HUB_OFFLINE'] = '1'
 S, V = 64, 64  # tiny image size and vocabulary
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny(**kw):
@@ -50,6 +51,7 @@ def test_attention_path_equals_sdpa_path():
     torch.testing.assert_close(a['visual_tokens'], b['visual_tokens'], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # builds the real 276M-parameter model
 def test_real_sizes_of_the_dimension_table():
     torch.manual_seed(0)
     m = CheXQuery(CheXQueryConfig(vision_config=SIGLIP_BASE_384, text_config=FLAN_T5_BASE, query_init='random'))
