@@ -115,6 +115,36 @@ def run_tokenizer(config):
     return load_tokenizer(config['data_dir'] if config['model_size'] == 'tiny' else config['text_model'])
 
 
+def tokenizer_meta(tok):
+    """What a checkpoint records of its run's tokenizer, for check_tokenizer: the vocabulary's
+    size, its special ids and a digest of the whole vocabulary."""
+    vocab = json.dumps(sorted(tok.get_vocab().items()))
+    return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                vocab_sha256=hashlib.sha256(vocab.encode()).hexdigest()[:16])
+
+
+def check_tokenizer(tok, decoder_config, source, saved=None):
+    """Raises ValueError saying what differs when tok cannot drive a T5 decoder (its config:
+    every id within the embedding's rows, pad = decoder start, eos) or is not the tokenizer
+    a checkpoint was trained with (saved: its tokenizer_meta). source names the checkpoint."""
+    c = decoder_config
+    problems = []
+    if len(tok) > c.vocab_size:
+        problems.append(f"the tokenizer has {len(tok)} tokens but the decoder's embedding has {c.vocab_size} rows")
+    for what, mine, theirs in (('pad id', tok.pad_token_id, c.pad_token_id),
+                               ('pad id (the decoder start)', tok.pad_token_id, c.decoder_start_token_id),
+                               ('eos id', tok.eos_token_id, c.eos_token_id)):
+        if mine != theirs:
+            problems.append(f"the tokenizer's {what} is {mine}, the decoder's {theirs}")
+    now = tokenizer_meta(tok)
+    for key, value in (saved or {}).items():
+        if now.get(key) != value:
+            problems.append(f"{key} {now.get(key)} here, {value} in the tokenizer it was trained with")
+    if problems:
+        raise ValueError(f"{source}: the tokenizer does not fit: {'; '.join(problems)}. Use the tokenizer it "
+                         f"was trained with (--tokenizer=DIR, or the data_dir whose tokenizer.json it used)")
+
+
 def prompt_ids(tok, prompt):
     """The decoder prefix for generate: T5's start token (pad, 0) then the prompt."""
     return [tok.pad_token_id] + tok(prompt, add_special_tokens=False)['input_ids']
@@ -128,6 +158,21 @@ def encode_report(tok, prompt, report, max_len):
     t = tok(target.strip(), add_special_tokens=False)['input_ids'][:max(1, max_len - len(p) - 1)] + [tok.eos_token_id]
     seq = p + t
     return [tok.pad_token_id] + seq[:-1], [-100] * len(p) + t
+
+
+# --- paths from the data ---------------------------------------------------------
+def path_problem(name):
+    """Why `name`, a file name read from a data file, is not a relative path that stays
+    inside its root directory; None when it is. Checked on the text, so symlinks below
+    the root (images on another disk) still work."""
+    if not isinstance(name, str) or not name.strip() or '\0' in name:
+        return f"{name!r} is not a file name"
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        return f"{name!r} is an absolute path, not one relative to its directory"
+    norm = os.path.normpath(name)
+    if norm in ('.', '..') or norm.startswith('..' + os.sep):
+        return f"{name!r} leads outside its directory"
+    return None
 
 
 # --- dataset ---------------------------------------------------------------------
@@ -163,6 +208,8 @@ def read_split(data_dir, split):
     def check(r):
         if not isinstance(r['labels'], list) or len(r['labels']) != len(CONDITIONS):
             return f"record {r['id']!r} needs {len(CONDITIONS)} labels, has {r['labels']}"
+        if path_problem(r['image']):
+            return f"record {r['id']!r}: image {path_problem(r['image'])} ({data_dir})"
     return read_jsonl(path, ('id', 'image', 'report', 'labels'), check)
 
 
@@ -261,8 +308,11 @@ def resize_copy(job):
     """Writes a copy of src with its shorter side at most `side` px (grayscale PNG), unless an
     up-to-date copy exists. Returns None, or an error message naming the file."""
     source, dest, side = job
-    if os.path.exists(dest) and os.path.getmtime(dest) >= os.path.getmtime(source):
-        return None
+    try:
+        if os.path.getmtime(dest) >= os.path.getmtime(source):
+            return None
+    except OSError:  # no copy yet, or the source is gone since the tables were written: load_image says which
+        pass
     try:
         im = load_image(source).convert('L')  # radiographs are grayscale; RGB comes back at load time
     except ValueError as e:
@@ -314,7 +364,9 @@ def iu_records(reports_csv, projections_csv, seed=1337):
     reports = read_csv(reports_csv, IU_REPORT_COLUMNS)
     projections = read_csv(projections_csv, IU_PROJECTION_COLUMNS)
     frontal = {}
-    for p in projections:
+    for row, p in enumerate(projections, 1):
+        if path_problem(p['filename']):  # it names the image below images_normalized/ and its copy's
+            raise ValueError(f"{projections_csv}, row {row} (uid {p['uid']}): filename {path_problem(p['filename'])}")
         if p['projection'].strip().lower() == 'frontal':
             frontal.setdefault(p['uid'], []).append(p['filename'])
     dropped, studies = Counter(), []
@@ -386,11 +438,17 @@ def mimic_records(src):
     split_of = {r['dicom_id']: {'validate': 'val'}.get(r['split'], r['split']) for r in splits}
     label_of = {r['study_id']: [chexpert_value(r[c]) for c in CONDITIONS] for r in labels}
     out, dropped, reports = {'train': [], 'val': [], 'test': []}, Counter(), {}
-    for m in meta:
+    meta_csv = find_file(src, 'mimic-cxr-2.0.0-metadata.csv')
+    for row, m in enumerate(meta, 1):
         if m['ViewPosition'] not in ('PA', 'AP'):
             dropped['image: not a frontal (PA/AP) view'] += 1
             continue
         p, s = f"p{m['subject_id']}", f"s{m['study_id']}"
+        image = os.path.join('files', p[:3], p, s, m['dicom_id'] + '.jpg')
+        for name in (image, os.path.join('files', p[:3], p, s + '.txt'), m['dicom_id'] + '.png'):
+            if path_problem(name):  # the image, its report, its resized copy
+                raise ValueError(f"{meta_csv}, row {row}: the path made of subject_id, study_id and dicom_id "
+                                 f"{path_problem(name)}")
         if s not in reports:
             path = os.path.join(src, 'mimic-cxr-reports', 'files', p[:3], p, s + '.txt')
             try:
@@ -410,7 +468,7 @@ def mimic_records(src):
             findings, impression = reports[s]
             out[split_of[m['dicom_id']]].append(dict(
                 id=m['dicom_id'], uid=m['subject_id'], study=m['study_id'],
-                image=os.path.join('files', p[:3], p, s, m['dicom_id'] + '.jpg'), findings=findings,
+                image=image, findings=findings,
                 impression=impression, report=make_report(findings, impression), indication='',
                 labels=label_of[m['study_id']], label_source='mimic-cxr-2.0.0-chexpert.csv'))
     return out, dropped
@@ -433,6 +491,9 @@ def prepare_mimic(src, out_dir, short_side=448, n_workers=0):
 if __name__ == '__main__':
     from configurator import configure
     configure(globals(), sys.argv[1:])
+    if workers < 0 or short_side < 1:
+        sys.exit(f"need workers >= 0 (0: every core) and short_side >= 1, got workers={workers}, "
+                 f"short_side={short_side}")
     if dataset == 'phantom':
         import phantom
         phantom.generate(data_dir, workers=workers or None)

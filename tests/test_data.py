@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import json
 import os
-import subprocess
+import runpy
 import sys
 
 import numpy as np
@@ -16,9 +16,9 @@ from PIL import Image
 
 import data
 from chexpert import CONDITIONS
-from conftest import IU_TABLES, needs_iu_tables
+from conftest import IU_TABLES, ROOT, iu_fixture, needs_iu_tables, write_csv
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # --- text and split ------------------------------------------------------------------
@@ -52,37 +52,6 @@ GOLDEN_SPLIT = '9db9ab9d6bc7e42d'  # recorded when the split was written; never 
 
 
 # --- IU X-ray in the Kaggle layout ------------------------------------------------------
-def write_csv(path, header, rows):
-    with open(path, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def iu_fixture(root, n=20):
-    """n studies with one frontal and one lateral image each, plus the odd cases."""
-    images = root / 'images' / 'images_normalized'
-    images.mkdir(parents=True)
-    reports = [('1', 'The heart is normal.There is no XXXX effusion. Lungs are clear.', 'No acute disease.'),
-               ('2', '', 'Cardiomegaly.'),                         # findings empty: kept
-               ('3', 'XXXX XXXX.', 'XXXX.'),                      # both empty after cleaning: dropped
-               ('4', 'Small left pleural effusion.', 'Effusion.')]  # no frontal image: dropped
-    reports += [(str(i), f'Finding number {i}.', 'Normal.') for i in range(5, n + 1)]
-    write_csv(root / 'indiana_reports.csv', ['uid', 'MeSH', 'Problems', 'image', 'indication', 'comparison',
-                                            'findings', 'impression'],
-              [(u, 'normal', 'normal', 'Xray Chest', 'Cough. XXXX pain.', '', f, i) for u, f, i in reports])
-    rows = []
-    for u, _, _ in reports:
-        if u != '4':
-            rows.append((u, f'{u}_IM-1.dcm.png', 'Frontal'))
-        rows.append((u, f'{u}_IM-2.dcm.png', 'Lateral'))
-    write_csv(root / 'indiana_projections.csv', ['uid', 'filename', 'projection'], rows)
-    rng = np.random.default_rng(0)
-    for u, name, _ in rows:
-        Image.fromarray(rng.integers(0, 255, (700, 600), dtype=np.uint8)).save(images / name)
-    return root
-
-
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -185,13 +154,13 @@ def test_prepare_mimic_fixture(tmp_path):
 def test_csv_errors_name_the_file_and_columns(tmp_path):
     p = tmp_path / 'indiana_reports.csv'
     write_csv(p, ['uid', 'findings'], [('1', 'x')])
-    with pytest.raises(ValueError, match=r"indiana_reports\.csv is missing columns \['impression', 'indication'\]"):
+    with pytest.raises(ValueError, match=r"indiana_reports\.csv.*'impression', 'indication'"):
         data.read_csv(str(p), data.IU_REPORT_COLUMNS)
-    p.write_text('')
-    with pytest.raises(ValueError, match='indiana_reports.csv is empty'):
+    p.write_text('')  # empty, then a header without rows
+    with pytest.raises(ValueError, match=r'indiana_reports\.csv'):
         data.read_csv(str(p), data.IU_REPORT_COLUMNS)
     p.write_text('uid,findings,impression,indication\n')
-    with pytest.raises(ValueError, match='header but no rows'):
+    with pytest.raises(ValueError, match=r'indiana_reports\.csv'):
         data.read_csv(str(p), data.IU_REPORT_COLUMNS)
     with pytest.raises(FileNotFoundError, match='nowhere.csv'):
         data.read_csv(str(tmp_path / 'nowhere.csv'), ('uid',))
@@ -202,9 +171,9 @@ def test_bad_split_file_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r'train\.jsonl:1: .*14 labels'):
         data.read_split(str(tmp_path), 'train')
     (tmp_path / 'val.jsonl').write_text('\n{not json\n')
-    with pytest.raises(ValueError, match=r'val\.jsonl:2: not valid JSON'):
+    with pytest.raises(ValueError, match=r'val\.jsonl:2:'):
         data.read_split(str(tmp_path), 'val')
-    with pytest.raises(FileNotFoundError, match='prepare the data first'):
+    with pytest.raises(FileNotFoundError, match=r'test\.jsonl.*data\.py'):  # how to make it
         data.read_split(str(tmp_path), 'test')
 
 
@@ -288,7 +257,7 @@ def test_encode_report(tok):
 
 
 def test_load_tokenizer_offline_hub_name_says_how_to_fix():
-    with pytest.raises(OSError, match='Offline.*--tokenizer=/path/to/local/dir'):
+    with pytest.raises(OSError, match='--tokenizer='):  # how to fix it
         data.load_tokenizer('no-such-org/no-such-tokenizer')
 
 
@@ -322,18 +291,24 @@ def test_bad_image_in_training_is_skipped_warned_once_and_counted(phantom_dir, t
     bad.write_bytes(b'')
     assert ds[1] is None and ds[1] is None
     err = capsys.readouterr().err
-    assert err.count('warning: skipping') == 1 and ds.records[1]['image'] in err
+    assert err.count(ds.records[1]['image']) == 1  # one warning naming the file
     b = data.collate([ds[0], ds[1], ds[2]])
     assert b['skipped'] == 1 and len(b['ids']) == 2 and b['image'].shape[0] == 2
     assert data.collate([None, None]) is None
 
 
-def test_command_line_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, 'data.py', *a], cwd=ROOT, capture_output=True, text=True,
-                                    env=dict(os.environ, HF_HUB_OFFLINE='1'))
-    r = run('--dataset=iu_xray', f'--data_dir={tmp_path}/x')
-    assert r.returncode != 0 and '--src=DIR is required' in r.stderr
-    r = run('--dataset=chexpert', f'--data_dir={tmp_path}/x')
-    assert r.returncode != 0 and "unknown dataset 'chexpert'" in r.stderr
-    r = run('--datset=iu_xray')
-    assert r.returncode != 0 and 'dataset' in r.stderr  # the configurator suggests the right key
+def run_data_py(monkeypatch, *args):
+    """data.py's command line, in this process; returns what it exits with (a message, or None)."""
+    monkeypatch.setattr(sys, 'argv', ['data.py', *args])
+    try:
+        runpy.run_path(os.path.join(ROOT, 'data.py'), run_name='__main__')
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def test_command_line_errors(tmp_path, monkeypatch):
+    assert '--src=DIR' in run_data_py(monkeypatch, '--dataset=iu_xray', f'--data_dir={tmp_path}/x')
+    assert 'chexpert' in run_data_py(monkeypatch, '--dataset=chexpert', f'--data_dir={tmp_path}/x')
+    with pytest.raises(ValueError, match='dataset'):  # the configurator suggests the right key
+        run_data_py(monkeypatch, '--datset=iu_xray')
