@@ -1,39 +1,52 @@
-"""train.py end to end on the tiny phantom setup: it learns, the phases chain through
-checkpoints with the right parameters training, a resumed run repeats the uninterrupted
-one, torchrun with 2 gloo processes keeps the replicas equal, and NaN steps are skipped."""
-import json
+"""train.py on the tiny phantom setup, run in this process: it learns, the phases chain
+through checkpoints with the right parameters training, a resumed run repeats the
+uninterrupted one bit for bit whatever num_workers, non-finite steps are skipped and too
+many stop the run, and the phase 1 feature cache equals the uncached run. The slow tests
+run it as people do: torchrun with 2 gloo processes, and torch.compile."""
 import os
 import signal
-import subprocess
-import sys
 
+import pytest
 import torch
 
+import chexquery
 from chexquery import load_checkpoint, read_checkpoint
-from conftest import ROOT, run_script, tiny_train_args
+from conftest import read_metrics, run_script, tiny_train_args, train_in_process, train_losses
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def metrics(out_dir):
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
+def train(data_dir, out_dir, **overrides):
+    code, printed = train_in_process(data_dir, out_dir, **overrides)
+    assert code == 0, printed[-3000:]
+    return printed
 
 
-def train_losses(out_dir):
-    return {m['iter']: m['loss'] for m in metrics(out_dir) if 'loss' in m}
+def on_training_forward(monkeypatch, act):
+    """Calls act(n, out) after the n-th training forward (n from 0; evaluation's are not
+    counted), whose output it may change: one forward per iteration without accumulation."""
+    forward, calls = chexquery.CheXQuery.forward, []
+
+    def patched(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            act(len(calls), out)
+            calls.append(1)
+        return out
+    monkeypatch.setattr(chexquery.CheXQuery, 'forward', patched)
 
 
 def test_a_phantom_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tiny_run):
-    losses = list(train_losses(tiny_run).values())
+    records = read_metrics(tiny_run)
+    losses = [m['loss'] for m in records if 'loss' in m]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
-    with open(os.path.join(tiny_run, 'stdout.txt')) as f:
-        out = f.read()
-    assert 'decoder LoRA' in out and 'final validation' in out and 'ms/iter' in out and 'eta' in out
+    assert all(m['ms_per_iter'] > 0 and m['images_per_s'] > 0 for m in records if 'loss' in m)
     model, meta = load_checkpoint(os.path.join(tiny_run, 'ckpt.safetensors'))
     assert meta['phase'] == 2 and meta['iter_num'] == 30 and meta['config']['max_iters'] == 30
     assert meta['config']['dataset'] == 'phantom' and meta['val_loss'] == meta['best_val_loss']
-    val = [m for m in metrics(tiny_run) if 'val_loss' in m][-1]
+    val = [m for m in records if 'val_loss' in m][-1]
     assert abs(val['val_loss'] - meta['val_loss']) < 1e-9 and 0 <= val['val_auc_macro'] <= 1
 
 
@@ -45,14 +58,12 @@ def changed(a, b, prefix, lora=None):
 
 
 def test_phases_chain_through_checkpoints_with_the_right_parameters_training(phantom_dir, tmp_path):
-    common = dict(max_iters=3, full_backbones=False, learning_rate=1e-2, warmup_iters=0, sample_reports=0)
+    common = dict(max_iters=3, full_backbones=False, learning_rate=1e-2, warmup_iters=0, sample_reports=0,
+                  eval_iters=1)
     o1, o2, o3 = (str(tmp_path / f'p{i}') for i in (1, 2, 3))
-    run_script(*tiny_train_args(phantom_dir, o1, phase=1, **common))
-    run_script(*tiny_train_args(phantom_dir, o2, phase=2, init_from=f'{o1}/ckpt.safetensors',
-                                label_smoothing=0.1, **common))
-    r3 = run_script(*tiny_train_args(phantom_dir, o3, phase=3, init_from=f'{o2}/ckpt.safetensors',
-                                     lambda_aux=0.0, **common))
-    assert 'initializing from' in r3.stdout
+    train(phantom_dir, o1, phase=1, **common)
+    train(phantom_dir, o2, phase=2, init_from=f'{o1}/ckpt.safetensors', label_smoothing=0.1, **common)
+    train(phantom_dir, o3, phase=3, init_from=f'{o2}/ckpt.safetensors', lambda_aux=0.0, **common)
     (c1, m1), (c2, m2), (c3, m3) = (read_checkpoint(f'{o}/ckpt.safetensors') for o in (o1, o2, o3))
     assert (m1['phase'], m2['phase'], m3['phase']) == (1, 2, 3)
     # phase 1: no LoRA trains, so every B is still zero
@@ -71,76 +82,62 @@ def test_phases_chain_through_checkpoints_with_the_right_parameters_training(pha
     assert changed(c2, c3, 'condition_queries')[0] and changed(c2, c3, 'cross_attention.')[0]
 
 
-def test_resuming_after_ctrl_c_repeats_the_uninterrupted_run(phantom_dir, tmp_path):
+def test_ctrl_c_then_resume_repeats_the_uninterrupted_run_bit_for_bit(phantom_dir, tmp_path, monkeypatch):
+    """The three parts load with 0, 1 and 2 workers: neither the workers nor the Ctrl-C change a loss."""
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    args = dict(max_iters=12, sample_reports=0)
-    run_script(*tiny_train_args(phantom_dir, a, **args))
-    p = subprocess.Popen([sys.executable, '-u'] + tiny_train_args(phantom_dir, b, **args), cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE='1'))
-    out = []
-    for line in p.stdout:
-        out.append(line)
-        if line.startswith('iter 5/12'):
-            p.send_signal(signal.SIGINT)  # Ctrl-C: finish the iteration, save last.safetensors, exit
-    assert p.wait(timeout=300) == 0, ''.join(out)
-    stopped = [line for line in out if line.startswith('interrupted at iteration')]
-    assert stopped, ''.join(out)
-    k = int(stopped[0].split()[3].rstrip(':'))
-    assert 5 <= k < 12 and not os.path.exists(f'{b}/ckpt.safetensors')
-    r = run_script(*tiny_train_args(phantom_dir, b, init_from='resume', **args))
-    assert f'resuming at iteration {k}' in r.stdout
+    args = dict(max_iters=6, eval_interval=4, eval_iters=1, sample_reports=0)
+    train(phantom_dir, a, num_workers=0, **args)
+    with monkeypatch.context() as m:  # Ctrl-C during the third iteration
+        on_training_forward(m, lambda n, out: n == 2 and os.kill(os.getpid(), signal.SIGINT))
+        train(phantom_dir, b, num_workers=1, **args)
+    meta = read_checkpoint(f'{b}/last.safetensors')[1]
+    assert meta['iter_num'] == 3 and not os.path.exists(f'{b}/ckpt.safetensors')
+    with open(f'{b}/metrics.jsonl', 'a') as f:  # as a kill -9 after iteration 4 would leave them
+        f.write('{"iter": 4, "loss": 1.0}\n{"iter": 5, "lo')
+    train(phantom_dir, b, num_workers=2, init_from='resume', **args)
+    assert [m['iter'] for m in read_metrics(b) if 'loss' in m] == list(range(1, 7))  # each logged once
     la, lb = train_losses(a), train_losses(b)
-    assert sorted(lb) == sorted(la) == list(range(1, 13))
-    # same data order, augmentation, dropout and optimizer state: equal to float rounding (bitwise here)
-    for it in la:
-        assert abs(la[it] - lb[it]) <= 1e-6 * abs(la[it]), (it, la[it], lb[it])
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    assert [la[i] for i in la] == [lb[i] for i in la]  # same data, augmentation, dropout, optimizer: exactly
     ta, tb = read_checkpoint(f'{a}/last.safetensors')[0], read_checkpoint(f'{b}/last.safetensors')[0]
-    assert max((ta[k] - tb[k]).abs().max().item() for k in ta if k.startswith(('cross', 'aux'))) <= 1e-5
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_torchrun_two_gloo_processes_keep_the_parameters_identical(phantom_dir, tmp_path):
-    out = str(tmp_path / 'ddp')
-    args = tiny_train_args(phantom_dir, out, max_iters=3, gradient_accumulation_steps=2, sample_reports=0)
-    r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args)
-    assert 'effective batch 8 x 1 x 2 processes = 16' in r.stdout
-    assert 'parameters across 2 processes: max difference 0' in r.stdout, r.stdout[-2000:]
-    assert r.stdout.count('final validation') == 1  # only rank 0 logs
-    assert len(train_losses(out)) == 3 and read_checkpoint(f'{out}/ckpt.safetensors')[1]['world_size'] == 2
-
-
-def test_a_nan_batch_is_skipped(phantom_dir, tmp_path):
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(phantom_dir, tmp_path, monkeypatch):
+    """A NaN loss at iteration 2 alone, then at every iteration from 5 on: the first is
+    skipped, the third in a row of the others stops the run; no NaN reaches a weight."""
     out = str(tmp_path / 'nan')
-    r = run_script(*tiny_train_args(phantom_dir, out, max_iters=5, debug_nan_iter=2, sample_reports=0))
-    assert 'iter 2: non-finite loss or gradients' in r.stderr and 'step skipped (1 in a row)' in r.stderr
-    losses = train_losses(out)
-    assert losses[3] != losses[3] and all(v == v for i, v in losses.items() if i != 3)  # NaN only at iter 2 (logged as 3)
-    tensors, _ = read_checkpoint(f'{out}/ckpt.safetensors')
-    assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
 
-
-def test_too_many_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(phantom_dir, tmp_path):
-    out = str(tmp_path / 'nan')
-    r = run_script(*tiny_train_args(phantom_dir, out, max_iters=10, eval_interval=2, debug_nan_iter=3,
-                                    debug_nan_steps=100, max_bad_steps=3, sample_reports=0), check=False)
-    assert r.returncode == 1 and 'stopping: 3 non-finite steps in a row' in r.stdout
-    model, meta = load_checkpoint(f'{out}/ckpt.safetensors')
-    assert meta['iter_num'] == 4  # evaluated after the first skipped step (iter 3), before the stop at 6
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    def poison(n, result):
+        if n == 2 or n >= 5:
+            result['loss_gen'] = result['loss_gen'] * float('nan')
+    on_training_forward(monkeypatch, poison)
+    code, printed = train_in_process(phantom_dir, out, max_iters=20, eval_interval=2, eval_iters=1,
+                                     sample_reports=0, max_bad_steps=3)
+    assert code == 1, printed[-2000:]
+    losses = train_losses(out)  # iteration n is logged as n + 1
+    assert sorted(losses) == list(range(1, 8))
+    nan = [i for i, v in losses.items() if v != v]
+    assert nan == [3, 6, 7]  # the stop at the third bad step in a row (iteration 7) is not logged
+    _, meta = read_checkpoint(f'{out}/ckpt.safetensors')
+    assert meta['iter_num'] in (2, 4, 6)
+    for name in ('ckpt', 'last'):
+        tensors, _ = read_checkpoint(f'{out}/{name}.safetensors')
+        assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
 
 
 def test_phase1_feature_cache_matches_the_uncached_run(phantom_dir, tmp_path):
-    """12 iterations per epoch: the second epoch reads every feature from the cache."""
-    args = dict(phase=1, full_backbones=False, max_iters=24, sample_reports=0)
+    """12 iterations per epoch: the 13th reads every feature from the cache."""
+    args = dict(phase=1, full_backbones=False, max_iters=13, sample_reports=0, eval_iters=1)
     a, b = str(tmp_path / 'cached'), str(tmp_path / 'plain')
-    r = run_script(*tiny_train_args(phantom_dir, a, cache_features=True, **args))
-    assert 'image augmentation is off' in r.stdout
-    run_script(*tiny_train_args(phantom_dir, b, augment=False, **args))
+    train(phantom_dir, a, cache_features=True, **args)
+    train(phantom_dir, b, augment=False, **args)
     la, lb = train_losses(a), train_losses(b)
-    assert sorted(la) == list(range(1, 25))
+    assert sorted(la) == list(range(1, 14))
     for it in la:  # equal up to the float16 storage of the features
         assert abs(la[it] - lb[it]) <= 2e-3 * lb[it], (it, la[it], lb[it])
-    r = run_script(*tiny_train_args(phantom_dir, a, cache_features=True, phase=2), check=False)
-    assert r.returncode != 0 and 'cache_features=True needs phase 1' in r.stderr
+    with pytest.raises(ValueError, match='cache_features'):
+        train_in_process(phantom_dir, a, cache_features=True, phase=2)
 
 
 def test_cached_samples_are_not_decoded(phantom_dir):
@@ -151,9 +148,39 @@ def test_cached_samples_are_not_decoded(phantom_dir):
     assert b['has_image'] == [True, False, True] and b['image'].shape[0] == 2 and len(b['ids']) == 3
 
 
-def test_torchrun_accumulation_that_does_not_divide_stops_with_the_reason(phantom_dir, tmp_path):
-    args = tiny_train_args(phantom_dir, str(tmp_path / 'ddp'), max_iters=3, gradient_accumulation_steps=3)
-    r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args, check=False)
-    assert r.returncode != 0
-    assert 'gradient_accumulation_steps=3 must divide by the 2 processes' in r.stdout + r.stderr
-    assert not os.path.exists(tmp_path / 'ddp' / 'ckpt.safetensors')
+def test_accumulation_that_does_not_divide_by_the_processes_stops_before_the_rendezvous(
+        phantom_dir, tmp_path, monkeypatch):
+    for k, v in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='2').items():
+        monkeypatch.setenv(k, v)  # as torchrun sets them; no other process is coming
+    with pytest.raises(ValueError, match='gradient_accumulation_steps=3'):
+        train_in_process(phantom_dir, str(tmp_path / 'ddp'), gradient_accumulation_steps=3)
+    assert not os.path.exists(tmp_path / 'ddp')
+
+
+# --- as people run it: separate processes ----------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_keep_the_parameters_identical(phantom_dir, tmp_path):
+    out = str(tmp_path / 'ddp')
+    args = tiny_train_args(phantom_dir, out, max_iters=3, gradient_accumulation_steps=2, sample_reports=0)
+    run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args)
+    assert len(train_losses(out)) == 3
+    assert [m['replica_max_difference'] for m in read_metrics(out) if 'replica_max_difference' in m] == [0]
+    _, meta = read_checkpoint(f'{out}/ckpt.safetensors')
+    assert meta['world_size'] == 2 and meta['config']['batch_size'] == 8
+
+
+@pytest.mark.slow
+def test_compile_trains_on_the_cpu(phantom_dir, tmp_path):
+    """torch.compile at the tiny size: it trains (2 compilations: the first decoder length, then any
+    length) and saves the same checkpoint as eager mode, which loads without it."""
+    a, b = str(tmp_path / 'eager'), str(tmp_path / 'compiled')
+    args = dict(max_iters=4, sample_reports=0, eval_iters=1)
+    run_script(*tiny_train_args(phantom_dir, a, **args))
+    run_script(*tiny_train_args(phantom_dir, b, compile=True, **args))
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 5))
+    assert all(v == v for v in lb.values()) and lb[4] < 0.9 * lb[1]
+    ta, tb = read_checkpoint(f'{a}/last.safetensors')[0], read_checkpoint(f'{b}/last.safetensors')[0]
+    assert ta.keys() == tb.keys()
+    model, meta = load_checkpoint(f'{b}/last.safetensors')
+    assert meta['config']['compile'] is True and all(torch.isfinite(p).all() for p in model.parameters())
