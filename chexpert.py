@@ -89,7 +89,7 @@ UNCERTAIN_NEGATED_PRE = r'cannot (?:be )?exclude|can ?not (?:be )?exclude|not (?
 UNCERTAIN_NEGATED_POST = r'^[^.]*?(?:cannot|can not|could not|not) be (?:excluded|ruled out)|^[^.]*?not (?:excluded|ruled out)'
 NEGATION_PRE = (r'\bno\b|\bnot\b|\bwithout\b|negative for|free of|absence of|\babsent\b|clear of|resolution of|'
                 r'resolved|removal of|\bnor\b|\bnever\b|\bnone\b')
-NEGATION_POST = (r'^(?:\W*\w+){0,4}?\W*(?:(?:is|are|was|were|has|have|been)\s+)*(?:not (?:seen|identified|present|'
+NEGATION_POST = (r'^\W*(?:\w+\W+){0,4}?(?:(?:is|are|was|were|has|have|been)\s+)*(?:not (?:seen|identified|present|'
                  r'visualized|demonstrated|evident|appreciated)|absent|resolved|removed)\b')
 UNCERTAIN_PRE = (r'possibl[ey]|probabl[ey]|\bmay\b|\bmight\b|\bcould\b|questionabl[ey]|question of|suspicious for|'
                  r'suspect\w*|concern\w* for|suggest\w*|likely|\bvs\.?\b|versus|differential|equivocal|'

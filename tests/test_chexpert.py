@@ -151,3 +151,18 @@ def test_agreement_with_the_real_iu_mesh_terms(capsys):
         n, recall, precision, _ = agree[c]
         assert n > 100 and recall > 0.9 and precision > 0.6, (c, agree[c])
     assert agree['Support Devices'][2] > 0.85
+
+
+def test_a_long_word_after_a_mention_does_not_backtrack_forever():
+    """The post-mention negation cue once backtracked exponentially on a run of letters:
+    'edema' * 40 took 35 s, a few thousand letters never finished. The alarm turns a
+    regression into a failure instead of a hung test run."""
+    import signal
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError('labeler backtracking')))
+    signal.alarm(20)
+    try:
+        assert lab('edema' * 40, 'Edema') == (1,)
+        assert lab('Effusion ' + 'a' * 5000 + ' is not seen.', 'Pleural Effusion') == (0,)
+        assert lab('Pleural effusion is not seen.', 'Pleural Effusion') == (0,)
+    finally:
+        signal.alarm(0)
