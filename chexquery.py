@@ -14,6 +14,7 @@ Data flows top to bottom, and so does this file:
 D is SigLIP's width (768 for base). The T5 encoder is never run: the 11 visual
 tokens take the place of its output, so it is deleted.
 """
+import hashlib
 import json
 import math
 import os
@@ -66,6 +67,7 @@ class CheXQueryConfig:
     query_init: str = 'dmis-lab/biobert-v1.1'
     # fusion, pooling, auxiliary head
     n_pool_queries: int = 10
+    learned_gate: bool = True     # False: a fixed 0.5 mix of global token and queries (an ablation)
     aux_hidden: int = 384
     aux_dropout: float = 0.2
     # LoRA
@@ -123,6 +125,12 @@ def build_vision_encoder(cfg):
 # -----------------------------------------------------------------------------
 # 2. Queries: condition queries from a text model's view of the condition names
 
+def cache_stamp(path):
+    from safetensors import safe_open
+    with safe_open(path, 'pt') as f:
+        return (f.metadata() or {}).get('stamp', '')
+
+
 def condition_query_init(name, dim, cache_dir=None):
     """(14, dim) initial condition queries: the [CLS] embedding of each CheXpert
     condition name under a BERT-family model (BioBERT by default).
@@ -139,7 +147,13 @@ def condition_query_init(name, dim, cache_dir=None):
     else:
         cache_dir = cache_dir or os.environ.get('CHEXQUERY_CACHE', os.path.expanduser('~/.cache/chexquery'))
         cache = os.path.join(cache_dir, f"condition_queries-{name.strip('/').replace('/', '--')}.safetensors")
-        if os.path.exists(cache):
+        # A local model can be retrained in place: the cache remembers its files' sizes and times
+        # and is recomputed when they change (and still used when the directory is gone).
+        stamp = ''
+        if os.path.isdir(name):
+            files = sorted((f, os.stat(os.path.join(name, f))) for f in os.listdir(name))
+            stamp = hashlib.sha256(repr([(f, s.st_size, s.st_mtime_ns) for f, s in files]).encode()).hexdigest()
+        if os.path.exists(cache) and (not stamp or stamp == cache_stamp(cache)):
             vectors = load_file(cache)['condition_queries']
         else:
             from transformers import AutoModel, AutoTokenizer
@@ -154,7 +168,7 @@ def condition_query_init(name, dim, cache_dir=None):
                 batch = tok(list(CONDITIONS), padding=True, return_tensors='pt')
                 vectors = text_model(**batch).last_hidden_state[:, 0].float().contiguous()  # (14, W)
             os.makedirs(cache_dir, exist_ok=True)
-            save_file({'condition_queries': vectors}, cache + '.tmp')
+            save_file({'condition_queries': vectors}, cache + '.tmp', metadata={'stamp': stamp})
             os.replace(cache + '.tmp', cache)
     if vectors.shape[0] != len(CONDITIONS):
         raise ValueError(f"condition query init '{name}' has {vectors.shape[0]} rows, expected {len(CONDITIONS)}")
@@ -219,9 +233,10 @@ class GatedFusion(nn.Module):
     """Weighs the global token against the queries, pools 20 queries to 10 and
     returns the 11 visual tokens [gate·global; pool((1-gate)·queries)]."""
 
-    def __init__(self, dim, n_pool, n_heads, dropout):
+    def __init__(self, dim, n_pool, n_heads, dropout, learned_gate=True):
         super().__init__()
-        self.gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        # learned_gate=False: a constant 0.5 mix, the ablation that asks what the gate is worth
+        self.gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1)) if learned_gate else None
         self.pool_queries = nn.Parameter(torch.empty(n_pool, dim))
         nn.init.xavier_uniform_(self.pool_queries)
         self.pool = Attention(dim, n_heads, dropout)
@@ -229,7 +244,10 @@ class GatedFusion(nn.Module):
 
     def forward(self, global_token, queries):
         B = queries.shape[0]
-        gate = torch.sigmoid(self.gate(torch.cat([global_token, queries.mean(1)], -1)))  # (B, 1)
+        if self.gate is None:
+            gate = global_token.new_full((B, 1), 0.5)
+        else:
+            gate = torch.sigmoid(self.gate(torch.cat([global_token, queries.mean(1)], -1)))  # (B, 1)
         global_gated = gate[:, :, None] * global_token[:, None]                          # (B, 1, D)
         queries_weighted = (1 - gate)[:, :, None] * queries                              # (B, 20, D)
         pool_q = self.pool_queries.expand(B, -1, -1)                                     # (B, 10, D)
@@ -298,7 +316,7 @@ class CheXQuery(nn.Module):
         self.anatomical_queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(A, D)))  # (6, D)
         self.cross_attention = nn.ModuleList(
             CrossAttentionLayer(D, cfg.n_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.n_cross_layers))
-        self.fusion = GatedFusion(D, cfg.n_pool_queries, cfg.n_heads, cfg.dropout)
+        self.fusion = GatedFusion(D, cfg.n_pool_queries, cfg.n_heads, cfg.dropout, cfg.learned_gate)
         self.aux_head = AuxHead(D, cfg.aux_hidden, cfg.aux_dropout)
         self.t5 = build_decoder(cfg)
         d_model = self.t5.config.d_model

@@ -54,7 +54,9 @@ def load_image(path):
     except FileNotFoundError:
         raise ValueError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        reason = 'empty (0 bytes)' if os.path.exists(path) and os.path.getsize(path) == 0 else str(e)
+        # PIL's own message names the file again: the error says it once
+        reason = 'empty (0 bytes)' if os.path.exists(path) and os.path.getsize(path) == 0 else \
+            str(e).replace(f" '{path}'", '').replace(f' {path!r}', '')
         raise ValueError(f"{path}: not a readable image ({reason})") from None
 
 

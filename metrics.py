@@ -390,7 +390,7 @@ def region_shares(attention, regions):
     def inside(lo, hi):  # per row or column of patches: the fraction of it within [lo, hi]
         return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None) * g
     out = {}
-    for j, r in enumerate(REGIONS):
+    for j, r in enumerate(REGIONS[:attention.shape[0] - len(CONDITIONS)]):  # none without anatomical queries
         if r not in regions:
             continue
         x0, y0, x1, y1 = regions[r]

@@ -78,7 +78,7 @@ def attention_grid(image, attention, gate, title, cell=160):
     canvas = Image.new('RGB', (cols * cell, rows * (cell + 14) + header), 'white')
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"{title}   gate (weight of the global token) = {gate:.3f}", fill='black')
-    for q, name in enumerate(names):
+    for q, name in enumerate(names[:len(attention)]):  # 14 maps without anatomical queries
         a = attention[q].reshape(g, g)
         a = (a - a.min()) / (a.max() - a.min() + 1e-12)  # per-map contrast: where this query looks
         a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)) / 255

@@ -57,7 +57,9 @@ num_workers = 2
 model_size = 'base'           # 'base': the pretrained backbones below; 'tiny': small random ones (phantom)
 vision_model = 'google/siglip-base-patch16-384'
 text_model = 'google/flan-t5-base'
-query_init = 'dmis-lab/biobert-v1.1'
+query_init = 'dmis-lab/biobert-v1.1'  # or 'random' (Xavier), the ablation of name-initialized queries
+n_anatomical_queries = 6      # 0: condition queries only (an ablation)
+learned_gate = True           # False: a fixed 0.5 mix of global token and queries (an ablation)
 image_size = 384
 full_backbones = False        # train whole backbones, not just LoRA: only for random ones (phantom)
 # optimization
@@ -193,11 +195,12 @@ tok = data.run_tokenizer(config)
 
 # model -----------------------------------------------------------------------------
 if init_meta is None:
+    variant = dict(n_anatomical_queries=n_anatomical_queries, learned_gate=learned_gate)
     if model_size == 'tiny':
-        model_cfg = tiny_config(vocab_size=len(tok), image_size=image_size)
+        model_cfg = tiny_config(vocab_size=len(tok), image_size=image_size, **variant)
     else:
         model_cfg = CheXQueryConfig(vision_model=vision_model, text_model=text_model, image_size=image_size,
-                                    query_init=query_init)
+                                    query_init=query_init, **variant)
 torch.manual_seed(seed + rank)  # the model's initialization and dropout draw from here; nothing else does
 model = CheXQuery(model_cfg)
 # a token id past the embedding's rows would fail deep inside torch.embedding

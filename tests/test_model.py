@@ -271,3 +271,36 @@ def test_full_backbones_trains_random_backbones_where_their_lora_trains():
     assert all(p.requires_grad for n, p in m.named_parameters() if n.startswith('t5.'))
     m.set_phase(1, full_backbones=True)
     assert not any(p.requires_grad for n, p in m.named_parameters() if n.startswith(('vision.', 't5.')))
+
+
+def test_ablation_variants_fixed_gate_and_no_anatomical_queries():
+    """learned_gate=False mixes global token and queries at a constant 0.5 and has no gate
+    weights; n_anatomical_queries=0 leaves the 14 condition queries alone. Both train."""
+    images, dec, labels, cond = batch()
+    fixed = tiny(learned_gate=False)
+    out = fixed(images, dec, labels, cond)
+    assert torch.equal(out['gate'], torch.full((2, 1), 0.5))
+    assert not [n for n, _ in fixed.named_parameters() if n.startswith('fusion.gate')]
+    learned = tiny()
+    assert [n for n, _ in learned.named_parameters() if n.startswith('fusion.gate')]
+    lone = tiny(n_anatomical_queries=0)
+    out = lone.encode(images, return_attention=True)
+    assert out['attention'].shape[1] == 14 and out['visual_tokens'].shape[1] == 11
+    lone.set_phase(1)
+    loss = lone(images, dec, labels, cond)['loss_gen']
+    loss.backward()
+    assert lone.condition_queries.grad is not None and lone.anatomical_queries.numel() == 0
+
+
+def test_condition_query_cache_follows_a_retrained_local_model(tmp_path, monkeypatch):
+    monkeypatch.setenv('CHEXQUERY_CACHE', str(tmp_path / 'cache'))
+    tiny_bert(tmp_path / 'bert')
+    a = tiny(query_init=str(tmp_path / 'bert')).condition_queries.detach().clone()
+    torch.manual_seed(5)
+    from transformers import BertModel
+    retrained = BertModel.from_pretrained(tmp_path / 'bert')
+    for p in retrained.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    retrained.save_pretrained(tmp_path / 'bert')  # the same directory, new weights
+    b = tiny(query_init=str(tmp_path / 'bert')).condition_queries.detach()
+    assert not torch.allclose(a, b)

@@ -48,8 +48,6 @@ def test_a_bad_file_is_reported_in_load_images_words_and_the_others_still_load(p
     assert lines[1].count('missing.png') == 1
 
 
-@pytest.mark.xfail(reason="data.load_image keeps PIL's 'cannot identify image file <path>' in its reason, so the "
-                          "path shows twice; the fix belongs in data.py", strict=False)
 def test_an_unidentifiable_file_is_named_once(tmp_path, capsys):
     (tmp_path / 'f_broken.png').write_bytes(b'this is not an image')
     assert sample.read_images([str(tmp_path / 'f_broken.png')]) == []
