@@ -1,0 +1,467 @@
+"""
+Tiny pretrained backbones for CheXQuery, made here from the phantom training split,
+since no pretrained weights can be downloaded:
+
+    python pretrain.py                              # out-pretrained/{siglip,t5,bert}
+    python train.py config/mini1.py                 # then CheXQuery's three phases on them
+
+- siglip/  SigLIP, vision and text towers, trained with its sigmoid image-text loss on
+           image-report pairs; the phantom tokenizer beside it
+- t5/      T5 encoder-decoder like Flan-T5 (gated GELU, lm_head untied from the embedding),
+           trained with span corruption; its tokenizer is the phantom one plus 100
+           sentinels <extra_id_N> after the words, so every word keeps its phantom id
+- bert/    BERT trained as BERT was (masked tokens and next sentence), with an uncased
+           WordPiece tokenizer that opens every text with [CLS]: CheXQuery embeds each
+           condition name by its [CLS] vector, and the case-sensitive word-level phantom
+           tokenizer reads 12 of the 14 names as <unk> only
+
+Each backbone prints its losses and checks on the val split that it learned something.
+A backbone whose directory already exists is skipped. SigLIP trains here while T5, then
+BERT, train in a second process: each on one core, about as long.
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from chexpert import CONDITIONS, binarize
+
+# -----------------------------------------------------------------------------
+data_dir = 'data/phantom'
+out_dir = 'out-pretrained'
+image_size = 128
+width = 128                   # SigLIP's vision width = T5's d_model = BERT's width: CheXQuery's D, no projections
+text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
+layers = 2                    # transformer layers per tower (T5: per stack)
+heads = 4
+siglip_epochs = 6
+siglip_batch_size = 16        # the loss first collapses (every pair scores alike) for ~120 steps at any batch
+siglip_lr = 1e-3
+augment = True                # SigLIP's images through data.train_transform, as CheXQuery's training sees them
+t5_epochs = 6
+t5_lr = 2e-3
+bert_epochs = 4
+bert_lr = 2e-3
+text_batch_size = 64          # T5 and BERT
+probe_steps = 300             # logistic-regression steps of the SigLIP feature probe
+parallel = True               # T5 and BERT in a second process while SigLIP trains: one core each
+seed = 1337
+# -----------------------------------------------------------------------------
+N_SENTINELS = 100             # T5's <extra_id_0> ... <extra_id_99>
+
+
+def fit(model, loss_fn, batches, steps, lr, name, weight_decay=0.01, warmup=0.05):
+    """Trains model on loss_fn(next(batches)) for `steps` steps: AdamW, linear warmup, then
+    cosine decay to lr/10, no weight decay on biases, norms and SigLIP's scale and bias.
+    Prints the loss ten times."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{'params': matrices, 'weight_decay': weight_decay},
+                                   {'params': others, 'weight_decay': 0.0}], lr=lr)
+    warm = max(1, int(warmup * steps))
+
+    def schedule(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    t0, log_every = time.time(), max(1, steps // 10)
+    for step in range(steps):
+        loss = loss_fn(next(batches))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"  {name} step {step + 1}/{steps}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    model.eval()
+
+
+def shuffled(n, batch_size, generator):
+    """Endless index batches: shuffled epochs, each without its last partial batch."""
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i:i + batch_size]
+
+
+def pad(seqs, value):
+    """(B, T) right-padded ids and their (B, T) attention mask."""
+    ids = nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True, padding_value=value)
+    mask = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True)
+    return ids, mask
+
+
+def save(model, tok, path):
+    """model and tokenizer into path, written beside it and renamed into place: a killed
+    run never leaves a directory that the next run would take as done."""
+    import shutil
+    from transformers.utils import logging
+    shutil.rmtree(path + '.tmp', ignore_errors=True)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # saving SigLIP, transformers warns that its own default text config is invalid
+    model.save_pretrained(path + '.tmp')
+    logging.set_verbosity(verbosity)
+    tok.save_pretrained(path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+# --- 1. SigLIP --------------------------------------------------------------------
+def siglip_config(vocab_size, text_len, width, text_width, layers, heads, image_size):
+    from transformers import SiglipConfig
+    tower = lambda w: dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=layers, num_attention_heads=heads)
+    return SiglipConfig(vision_config=dict(tower(width), image_size=image_size, patch_size=16),
+                        text_config=dict(tower(text_width), projection_size=width, vocab_size=vocab_size,
+                                         max_position_embeddings=text_len, pad_token_id=0, eos_token_id=1,
+                                         bos_token_id=None))
+
+
+def new_siglip(config):
+    """A SiglipModel starting from the paper's temperature and bias (t = 10, b = -10), which
+    Hugging Face's init leaves at 1 and 0."""
+    from transformers import SiglipModel
+    model = SiglipModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10))
+        model.logit_bias.fill_(-10.0)
+    return model.eval()
+
+
+def siglip_texts(tok, reports, text_len):
+    """(N, text_len) ids: each report, </s>, then padding to one fixed length, since SigLIP's
+    text tower pools its last position. text_inputs masks the padding out as keys, so that
+    last position reads the report's own tokens; unmasked, as SigLIP was trained, it reads
+    mostly padding, and the reports' pooled vectors start nearly alike (cosine 0.93 between
+    reports here, 0.67 masked)."""
+    ids = [(w + [tok.eos_token_id])[:text_len] for w in tok(reports)['input_ids']]
+    return torch.tensor([w + [tok.pad_token_id] * (text_len - len(w)) for w in ids])
+
+
+def text_inputs(texts, pad_id=0):
+    return dict(input_ids=texts, attention_mask=(texts != pad_id).long())
+
+
+def stack(images, transform):
+    return torch.stack([transform(im) for im in images])                # (B, 3, S, S)
+
+
+@torch.no_grad()
+def image_features(vision, images, transform, batch_size=100):
+    """SigLIP's pooled image features (N, D): the global token CheXQuery reads."""
+    return torch.cat([vision(pixel_values=stack(images[i:i + batch_size], transform)).pooler_output
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def retrieval(model, images, texts, transform):
+    """Image-to-report retrieval: the share of images whose own report scores highest (top-1)
+    and is among the best five (top-5), over all the split's reports."""
+    image = F.normalize(model.get_image_features(pixel_values=stack(images, transform)).pooler_output, dim=-1)
+    text = F.normalize(model.get_text_features(**text_inputs(texts)).pooler_output, dim=-1)
+    best = (image @ text.T).topk(5, dim=1).indices                   # (N, 5)
+    own = best == torch.arange(len(images))[:, None]
+    return own[:, 0].float().mean().item(), own.any(1).float().mean().item()
+
+
+def probe_auc(train_x, train_y, val_x, val_y, steps, lr=0.01):
+    """Mean validation ROC-AUC over the conditions of a logistic regression (one linear layer,
+    full-batch Adam) on frozen features: how linearly the features carry the findings."""
+    from metrics import auc_per_condition
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    probe = nn.Linear(train_x.shape[1], train_y.shape[1])
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(probe((train_x - mean) / std), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        aucs = torch.tensor(auc_per_condition(val_y.numpy(), probe((val_x - mean) / std).sigmoid().numpy()))
+    return aucs.nanmean().item(), aucs
+
+
+def siglip_checks(model, train, val, transform, probe_steps):
+    """(retrieval top-1, top-5, probe mean AUC, per-condition AUCs) of a SigLIP on the val split."""
+    top1, top5 = retrieval(model, val['images'], val['texts'], transform)
+    features = [image_features(model.vision_model, split['images'], transform) for split in (train, val)]
+    auc, aucs = probe_auc(features[0], train['labels'], features[1], val['labels'], probe_steps)
+    return top1, top5, auc, aucs
+
+
+def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augment, probe_steps, seed):
+    """Trains a new SigLIP on train's image-report pairs, prints its checks next to the same
+    checks before training, saves it with tok into path; returns (model, results)."""
+    image_size = model.config.vision_config.image_size
+    evaluate = data.eval_transform(image_size)
+    chance = siglip_checks(model, train, val, evaluate, probe_steps)
+    transform = data.train_transform(image_size) if augment else evaluate
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(batch):
+        images = stack([train['images'][i] for i in batch], transform)
+        return model(**text_inputs(train['texts'][batch]), pixel_values=images, return_loss=True).loss
+
+    steps = epochs * (len(train['images']) // batch_size)
+    fit(model, loss, shuffled(len(train['images']), batch_size, generator), steps, lr, 'siglip')
+    top1, top5, auc, aucs = siglip_checks(model, train, val, evaluate, probe_steps)
+    n = len(val['images'])
+    print(f"siglip: val image->report retrieval top-1 {top1:.3f}, top-5 {top5:.3f} (chance {1 / n:.3f}, "
+          f"{5 / n:.3f}; random init {chance[0]:.3f}, {chance[1]:.3f})")
+    print(f"siglip: linear probe of pooled features, val mean AUC {auc:.3f} (random init {chance[2]:.3f})")
+    print('  ' + ', '.join(f"{c} {a:.2f}" for c, a in zip(CONDITIONS, aucs.tolist())))
+    save(model, tok, path)
+    return model, dict(top1=top1, top5=top5, auc=auc, random_init=chance)
+
+
+def image_text_split(data_dir, split, tok, text_len):
+    """A split's images (PIL, in memory), fixed-length report ids and binarized labels."""
+    records = data.read_split(data_dir, split)
+    return dict(images=[data.load_image(os.path.join(data_dir, r['image'])) for r in records],
+                texts=siglip_texts(tok, [r['report'] for r in records], text_len),
+                labels=torch.tensor([binarize(r['labels']) for r in records]))
+
+
+# --- 2. T5 ------------------------------------------------------------------------
+def t5_tokenizer(data_dir):
+    """The phantom tokenizer plus T5's sentinels, numbered after its words."""
+    tok = data.load_tokenizer(data_dir)
+    tok.add_special_tokens({'additional_special_tokens': [f'<extra_id_{i}>' for i in range(N_SENTINELS)]})
+    return tok
+
+
+def t5_model(vocab_size, width, layers, heads):
+    """A Flan-T5-shaped T5: gated GELU, no output rescaling, its own lm_head."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_kv=width // heads, d_ff=2 * width, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=heads, feed_forward_proj='gated-gelu', dropout_rate=0.1,
+                      tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = T5ForConditionalGeneration(config)
+    # transformers ties lm_head to the embedding at construction, whatever the config says
+    model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * width ** -0.5)
+    return model
+
+
+def noise_mask(length, generator, density=0.15, mean_span=3.0):
+    """T5's random_spans_noise_mask: `length` booleans, True on the corrupted tokens, which
+    make round(density * length) tokens in spans of mean length mean_span."""
+    n_noise = min(max(round(length * density), 1), length - 1)
+    n_spans = max(round(n_noise / mean_span), 1)
+
+    def split(total):  # `total` items cut into n_spans non-empty runs at random
+        cuts = (torch.randperm(total - 1, generator=generator)[:n_spans - 1] + 1).sort().values.tolist()
+        return [b - a for a, b in zip([0] + cuts, cuts + [total])]
+
+    mask = []
+    for keep, noise in zip(split(length - n_noise), split(n_noise)):
+        mask += [False] * keep + [True] * noise
+    return mask
+
+
+def span_corrupt(ids, sentinels, eos, generator):
+    """(inputs, targets) of T5's span corruption: each corrupted span is replaced in the input
+    by the next sentinel; the target lists the sentinels, each followed by its span."""
+    mask = noise_mask(len(ids), generator)
+    inputs, targets, k = [], [], 0
+    for i, (token, noisy) in enumerate(zip(ids, mask)):
+        if noisy and (i == 0 or not mask[i - 1]):
+            inputs.append(sentinels[k])
+            targets.append(sentinels[k])
+            k += 1
+        (targets if noisy else inputs).append(token)
+    return inputs + [eos], targets + [sentinels[k], eos]
+
+
+def t5_batch(texts, sentinels, eos, generator):
+    pairs = [span_corrupt(ids, sentinels, eos, generator) for ids in texts]
+    input_ids, attention_mask = pad([p[0] for p in pairs], 0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=pad([p[1] for p in pairs], -100)[0])
+
+
+@torch.no_grad()
+def masked_scores(model, batches):
+    """(loss, accuracy) over the target tokens (labels != -100) of a list of batches."""
+    total, correct, n = 0.0, 0, 0
+    for batch in batches:
+        logits = model(**batch).logits
+        labels = batch['labels']
+        keep = labels != -100
+        total += F.cross_entropy(logits[keep], labels[keep], reduction='sum').item()
+        correct += (logits.argmax(-1)[keep] == labels[keep]).sum().item()
+        n += keep.sum().item()
+    return total / n, correct / n
+
+
+def pretrain_t5(model, train, val, tok, path, epochs, batch_size, lr, seed):
+    """Trains a new T5 with span corruption on the train reports' ids, prints val loss and
+    accuracy before and after, saves it with tok into path; returns (model, results)."""
+    sentinels = tok.convert_tokens_to_ids([f'<extra_id_{i}>' for i in range(N_SENTINELS)])
+    make = lambda texts, g: t5_batch(texts, sentinels, tok.eos_token_id, g)
+    val_batches = lambda g: [make(val[i:i + 100], g) for i in range(0, len(val), 100)]
+    before = masked_scores(model, val_batches(torch.Generator().manual_seed(seed)))
+    generator = torch.Generator().manual_seed(seed)
+    loss = lambda batch: model(**make([train[i] for i in batch], generator)).loss
+    fit(model, loss, shuffled(len(train), batch_size, generator), epochs * (len(train) // batch_size), lr, 't5')
+    after = masked_scores(model, val_batches(torch.Generator().manual_seed(seed)))  # the same corruption as before
+    print(f"t5: val span-corruption loss {after[0]:.3f}, target token accuracy {after[1]:.3f} "
+          f"(at the first step: {before[0]:.3f}, {before[1]:.3f})")
+    save(model, tok, path)
+    return model, dict(loss=after[0], accuracy=after[1], first=before)
+
+
+# --- 3. BERT ----------------------------------------------------------------------
+def bert_tokenizer(reports):
+    """An uncased WordPiece tokenizer over the words of the reports, '[CLS] text [SEP]' like
+    BERT's. A word it never saw is spelled in pieces ('finding' -> f ##i ##n ##d ##i ##n ##g),
+    not one [UNK]. Built, not trained: tokenizers' WordPiece trainer breaks ties differently
+    on every run, and so would every model and number downstream."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for r in reports for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(r))})
+    chars = sorted({c for w in words for c in w})
+    special = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
+    pieces = list(dict.fromkeys(special + words + chars + ['##' + c for c in chars]))
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token='[UNK]'))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1', special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='[PAD]', unk_token='[UNK]', cls_token='[CLS]',
+                                   sep_token='[SEP]', mask_token='[MASK]',
+                                   model_input_names=['input_ids', 'token_type_ids', 'attention_mask'])
+
+
+def bert_model(vocab_size, width, layers, heads):
+    """BERT with both of its pretraining heads: masked tokens, and whether the second text follows."""
+    from transformers import BertConfig, BertForPreTraining
+    return BertForPreTraining(BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+                                         num_attention_heads=heads, intermediate_size=4 * width,
+                                         max_position_embeddings=256, pad_token_id=0))
+
+
+def mask_tokens(input_ids, tok, generator, rate=0.15):
+    """(input ids, labels) of BERT's masking: `rate` of the non-special tokens become targets;
+    of those 80% read [MASK], 10% a random token and 10% stay."""
+    special = torch.tensor([tok.pad_token_id, tok.cls_token_id, tok.sep_token_id])
+    chosen = (torch.rand(input_ids.shape, generator=generator) < rate) & ~torch.isin(input_ids, special)
+    labels = input_ids.masked_fill(~chosen, -100)
+    roll = torch.rand(input_ids.shape, generator=generator)
+    random_ids = torch.randint(len(tok.all_special_tokens), len(tok), input_ids.shape, generator=generator)
+    input_ids = torch.where(chosen & (roll < 0.8), tok.mask_token_id, input_ids)
+    return torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, input_ids), labels
+
+
+def bert_batch(sections, batch, tok, generator):
+    """BERT's two tasks on reports: '[CLS] findings [SEP] impression [SEP]' with tokens masked,
+    and for half of them another report's impression (next_sentence_label 1) to be told apart."""
+    swap = torch.rand(len(batch), generator=generator) < 0.5
+    others = torch.randint(len(sections), (len(batch),), generator=generator).tolist()
+    second = [sections[j if s else i][1] for i, j, s in zip(batch, others, swap.tolist())]
+    enc = tok([sections[i][0] for i in batch], second, truncation=True, max_length=256, padding=True,
+              return_tensors='pt')
+    input_ids, labels = mask_tokens(enc['input_ids'], tok, generator)
+    return dict(input_ids=input_ids, attention_mask=enc['attention_mask'], token_type_ids=enc['token_type_ids'],
+                labels=labels, next_sentence_label=swap.long())
+
+
+@torch.no_grad()
+def bert_scores(model, batches):
+    """(masked-token accuracy, next-report accuracy) over a list of batches."""
+    masked = next_report = n_masked = n = 0
+    for batch in batches:
+        out = model(**batch)
+        keep = batch['labels'] != -100
+        masked += (out.prediction_logits.argmax(-1)[keep] == batch['labels'][keep]).sum().item()
+        next_report += (out.seq_relationship_logits.argmax(-1) == batch['next_sentence_label']).sum().item()
+        n_masked, n = n_masked + keep.sum().item(), n + len(batch['labels'])
+    return masked / n_masked, next_report / n
+
+
+def pretrain_bert(model, tok, train_reports, val_reports, path, epochs, batch_size, lr, seed):
+    """Trains a new BERT on the train reports as BERT and BioBERT were trained: masked tokens and
+    next sentence, the impression after the findings. The second task is what trains [CLS], whose
+    vector CheXQuery takes for each condition name: with masking alone it never has a target, and
+    the 14 names' [CLS] vectors came out nearly one (cosine 0.9997 apart). Prints val accuracies
+    before and after, saves it with tok into path; returns (model, results)."""
+    train, val = ([r.partition(' | ')[::2] for r in reports] for reports in (train_reports, val_reports))
+    val_batches = lambda g: [bert_batch(val, range(i, min(i + 100, len(val))), tok, g) for i in range(0, len(val), 100)]
+    before = bert_scores(model, val_batches(torch.Generator().manual_seed(seed)))
+    generator = torch.Generator().manual_seed(seed)
+    loss = lambda batch: model(**bert_batch(train, batch, tok, generator)).loss
+    fit(model, loss, shuffled(len(train), batch_size, generator), epochs * (len(train) // batch_size), lr, 'bert')
+    after = bert_scores(model, val_batches(torch.Generator().manual_seed(seed)))
+    print(f"bert: val masked-token accuracy {after[0]:.3f}, next-sentence accuracy {after[1]:.3f} "
+          f"(at the first step: {before[0]:.3f}, {before[1]:.3f})")
+    save(model, tok, path)
+    return model, dict(accuracy=after[0], next_accuracy=after[1], first=before)
+
+
+# --- the script -------------------------------------------------------------------
+def run(name, path, data_dir, settings):
+    """Builds, trains and saves one backbone (settings: the script's config); returns its wall
+    and CPU seconds. On one thread: the other core trains the other backbones, and these
+    small matrices gain little from a second thread while a busy machine's other work makes
+    two threads wait on each other."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    torch.manual_seed(settings['seed'])
+    t0, cpu0, c = time.time(), time.process_time(), settings
+    train_reports = [r['report'] for r in data.read_split(data_dir, 'train')]
+    if name == 'siglip':
+        tok = data.load_tokenizer(data_dir)
+        text_len = max(len(w) for w in tok(train_reports)['input_ids']) + 1
+        model = new_siglip(siglip_config(len(tok), text_len, c['width'], c['text_width'], c['layers'], c['heads'],
+                                         c['image_size']))
+        train, val = (image_text_split(data_dir, split, tok, text_len) for split in ('train', 'val'))
+        pretrain_siglip(model, train, val, tok, path, c['siglip_epochs'], c['siglip_batch_size'], c['siglip_lr'],
+                        c['augment'], c['probe_steps'], c['seed'])
+        return time.time() - t0, time.process_time() - cpu0
+    val_reports = [r['report'] for r in data.read_split(data_dir, 'val')]
+    if name == 't5':
+        tok = t5_tokenizer(data_dir)
+        model = t5_model(len(tok), c['width'], c['layers'], c['heads'])
+        pretrain_t5(model, tok(train_reports)['input_ids'], tok(val_reports)['input_ids'], tok, path, c['t5_epochs'],
+                    c['text_batch_size'], c['t5_lr'], c['seed'])
+    else:
+        tok = bert_tokenizer(train_reports)
+        model = bert_model(len(tok), c['width'], c['layers'], c['heads'])
+        pretrain_bert(model, tok, train_reports, val_reports, path, c['bert_epochs'], c['text_batch_size'],
+                      c['bert_lr'], c['seed'])
+    return time.time() - t0, time.process_time() - cpu0
+
+
+def main(settings):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    import phantom
+    t0 = time.time()
+    phantom.ensure_phantom(data_dir)
+    todo = {}
+    for name in ('siglip', 't5', 'bert'):
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            print(f"{name}: {path} exists, skipping it (delete it to train it again)")
+        else:
+            todo[name] = path
+    # T5 then BERT in a second process while SigLIP trains here: about as long together
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+        text = {name: pool.submit(run, name, todo[name], data_dir, settings)
+                for name in ('t5', 'bert') if name in todo and parallel}
+        seconds = {name: run(name, todo[name], data_dir, settings) for name in todo if name not in text}
+        seconds.update({name: job.result() for name, job in text.items()})
+    for name in todo:
+        print(f"{name}: saved {todo[name]} in {seconds[name][0]:.0f} s ({seconds[name][1]:.0f} s of CPU)")
+    print(f"pretrain.py: {time.time() - t0:.0f} s in all")
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    main(configure(globals(), sys.argv[1:]))

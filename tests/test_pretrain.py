@@ -1,0 +1,176 @@
+"""pretrain.py: the tiny backbones it writes load back as the real loading code loads them,
+and CheXQuery built from them freezes and trains exactly what each phase says."""
+import os
+
+import pytest
+import torch
+
+import data
+import pretrain
+from chexpert import CONDITIONS
+from conftest import run_script
+
+S, WIDTH = 64, 32  # the test set's image size; a tiny width for every backbone
+
+
+@pytest.fixture(scope='module')
+def backbones(phantom_dir, tmp_path_factory):
+    """{'siglip'|'t5'|'bert': (directory, trained model)}: one epoch of each on the 96 train samples."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as pretrain.py trains them; tiny matrices
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp('pretrained')
+    train_reports = [r['report'] for r in data.read_split(phantom_dir, 'train')]
+    val_reports = [r['report'] for r in data.read_split(phantom_dir, 'val')]
+    run = dict(epochs=1, batch_size=16, lr=1e-3, seed=0)
+    tok = data.load_tokenizer(phantom_dir)
+    splits = [pretrain.image_text_split(phantom_dir, s, tok, text_len=40) for s in ('train', 'val')]
+    siglip = pretrain.new_siglip(pretrain.siglip_config(len(tok), 40, WIDTH, 16, layers=1, heads=2, image_size=S))
+    pretrain.pretrain_siglip(siglip, *splits, tok, str(out / 'siglip'), augment=True, probe_steps=20, **run)
+    t5_tok = pretrain.t5_tokenizer(phantom_dir)
+    t5 = pretrain.t5_model(len(t5_tok), WIDTH, layers=1, heads=2)
+    pretrain.pretrain_t5(t5, t5_tok(train_reports)['input_ids'], t5_tok(val_reports)['input_ids'], t5_tok,
+                         str(out / 't5'), **run)
+    bert_tok = pretrain.bert_tokenizer(train_reports)
+    bert = pretrain.bert_model(len(bert_tok), WIDTH, layers=1, heads=2)
+    pretrain.pretrain_bert(bert, bert_tok, train_reports, val_reports, str(out / 'bert'), **run)
+    torch.set_num_threads(threads)
+    return {name: (str(out / name), model) for name, model in (('siglip', siglip), ('t5', t5), ('bert', bert))}
+
+
+def test_directories_load_back_with_equal_outputs(backbones):
+    from transformers import BertModel, SiglipModel, T5ForConditionalGeneration
+    g = torch.Generator().manual_seed(0)
+    path, model = backbones['siglip']
+    images, texts = torch.randn(2, 3, S, S, generator=g), torch.randint(3, 100, (2, 40), generator=g)
+    loaded = SiglipModel.from_pretrained(path).eval()
+    a, b = (m(input_ids=texts, pixel_values=images) for m in (model.eval(), loaded))
+    assert torch.equal(a.logits_per_image, b.logits_per_image)
+    assert loaded.config.vision_config.hidden_size == WIDTH and loaded.config.vision_config.image_size == S
+    path, model = backbones['t5']
+    ids = torch.randint(3, 100, (2, 9), generator=g)
+    loaded = T5ForConditionalGeneration.from_pretrained(path).eval()
+    assert torch.equal(model.eval()(input_ids=ids, labels=ids).logits, loaded(input_ids=ids, labels=ids).logits)
+    assert not loaded.config.scale_decoder_outputs  # Flan-T5's untied head: no d_model ** -0.5 on the output
+    path, model = backbones['bert']
+    loaded = BertModel.from_pretrained(path).eval()
+    assert torch.equal(model.eval().bert(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state)
+
+
+def test_tokenizers_load_with_autotokenizer(backbones, phantom_dir):
+    from transformers import AutoTokenizer
+    phantom_tok = data.load_tokenizer(phantom_dir)
+    report = data.read_split(phantom_dir, 'val')[0]['report']
+    siglip_tok = AutoTokenizer.from_pretrained(backbones['siglip'][0])
+    assert siglip_tok(report)['input_ids'] == phantom_tok(report)['input_ids']
+    # T5: the phantom ids, then the sentinels, and the model's vocabulary is exactly that
+    t5_tok = data.load_tokenizer(backbones['t5'][0])
+    assert t5_tok(report)['input_ids'] == phantom_tok(report)['input_ids']
+    assert t5_tok.convert_tokens_to_ids('<extra_id_0>') == len(phantom_tok)
+    assert len(t5_tok) == len(phantom_tok) + pretrain.N_SENTINELS == backbones['t5'][1].config.vocab_size
+    assert t5_tok.decode([t5_tok.convert_tokens_to_ids('<extra_id_3>'), 1], skip_special_tokens=True) == ''
+    # BERT: every condition name reads as [CLS] pieces [SEP], none of them unknown
+    bert_tok = AutoTokenizer.from_pretrained(backbones['bert'][0])
+    for ids in bert_tok(list(CONDITIONS))['input_ids']:
+        assert ids[0] == bert_tok.cls_token_id and ids[-1] == bert_tok.sep_token_id
+        assert bert_tok.unk_token_id not in ids
+
+
+def test_bert_tokenizer_is_the_same_every_time(phantom_dir):
+    reports = [r['report'] for r in data.read_split(phantom_dir, 'train')]
+    assert pretrain.bert_tokenizer(reports).get_vocab() == pretrain.bert_tokenizer(reports[::-1]).get_vocab()
+
+
+def test_existing_directories_are_skipped(phantom_dir, tmp_path):
+    for name in ('siglip', 't5', 'bert'):
+        (tmp_path / name).mkdir()
+    r = run_script('pretrain.py', f'--data_dir={phantom_dir}', f'--out_dir={tmp_path}', '--image_size=64')
+    assert r.stdout.count('exists, skipping it') == 3
+    assert all(not any((tmp_path / name).iterdir()) for name in ('siglip', 't5', 'bert'))
+
+
+def test_span_corruption_hides_spans_that_targets_restore():
+    g = torch.Generator().manual_seed(0)
+    ids, sentinels, eos = list(range(10, 110)), list(range(500, 600)), 1
+    inputs, targets = pretrain.span_corrupt(ids, sentinels, eos, g)
+    assert inputs[-1] == targets[-1] == eos
+    kept = [t for t in inputs[:-1] if t not in sentinels]
+    assert len(kept) == 85 and sum(t in sentinels for t in inputs) == 5  # 15 tokens in 5 spans of mean length 3
+    spans = {}
+    for t in targets[:-1]:  # sentinel, its span, the next sentinel, ..., a final empty sentinel
+        if t in sentinels:
+            span = spans.setdefault(t, [])
+        else:
+            span.append(t)
+    rebuilt = [x for t in inputs[:-1] for x in (spans[t] if t in sentinels else [t])]
+    assert rebuilt == ids
+    assert list(spans) == sentinels[:6] and spans[sentinels[5]] == []
+
+
+def test_bert_batches_mask_words_and_swap_impressions(backbones, phantom_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(backbones['bert'][0])
+    sections = [r['report'].partition(' | ')[::2] for r in data.read_split(phantom_dir, 'train')]
+    batch = pretrain.bert_batch(sections, range(64), tok, torch.Generator().manual_seed(0))
+    targets = batch['labels'] != -100
+    special_targets = torch.isin(batch['labels'], torch.tensor([tok.pad_token_id, tok.cls_token_id, tok.sep_token_id]))
+    assert not special_targets.any() and (batch['input_ids'][:, 0] == tok.cls_token_id).all()
+    assert 0.1 < targets.sum() / batch['attention_mask'].sum() < 0.2
+    assert (batch['input_ids'][targets] == tok.mask_token_id).float().mean() > 0.6
+    assert 0.3 < batch['next_sentence_label'].float().mean() < 0.7
+    second = batch['token_type_ids'] == 1  # the impression: its own report's where the label is 0
+    kept = batch['next_sentence_label'] == 0
+    own = tok([s[1] for s in sections[:64]], add_special_tokens=False)['input_ids']
+    for i in kept.nonzero()[:, 0].tolist():
+        ids, wanted = batch['labels'][i][second[i]], own[i] + [tok.sep_token_id]
+        unmasked = batch['input_ids'][i][second[i]]
+        assert [w if t == -100 else t for w, t in zip(unmasked.tolist(), ids.tolist())] == wanted
+
+
+@pytest.fixture
+def chexquery(backbones, tmp_path, monkeypatch):
+    from chexquery import CheXQuery, CheXQueryConfig
+    monkeypatch.setenv('CHEXQUERY_CACHE', str(tmp_path))  # the condition-query cache, not ~/.cache
+    torch.manual_seed(0)
+    return CheXQuery(CheXQueryConfig(vision_model=backbones['siglip'][0], text_model=backbones['t5'][0],
+                                     query_init=backbones['bert'][0], image_size=S))
+
+
+def test_chexquery_from_the_directories(chexquery, backbones):
+    t5 = chexquery.t5
+    assert t5.lm_head.weight.data_ptr() != t5.shared.weight.data_ptr()
+    torch.testing.assert_close(t5.lm_head.weight, backbones['t5'][1].lm_head.weight)
+    assert chexquery.proj.__class__.__name__ == 'Identity'  # the backbones share one width
+    # 14 different [CLS] vectors: read by the phantom tokenizer, 7 names are one '<unk>' and get one vector
+    queries = chexquery.condition_queries.detach()
+    distances = torch.cdist(queries, queries)[~torch.eye(len(CONDITIONS), dtype=torch.bool)]
+    assert distances.min() > 1e-4 * queries.norm(dim=1).mean()
+    chexquery.set_phase(2)
+    trains = {n for n, p in chexquery.named_parameters() if p.requires_grad}
+    backbone = {n for n in trains if n.startswith(('vision.', 't5.'))}
+    assert backbone and all('lora_' in n for n in backbone)
+    assert {n for n in trains - backbone} == {n for n, _ in chexquery.named_parameters()
+                                             if not n.startswith(('vision.', 't5.'))}
+
+
+def test_phase_1_step_leaves_the_backbones_bit_identical(chexquery, phantom_dir, backbones):
+    tok = data.load_tokenizer(backbones['t5'][0])
+    records = data.read_split(phantom_dir, 'train')[:4]
+    transform = data.train_transform(S)
+    images = torch.stack([transform(data.load_image(os.path.join(phantom_dir, r['image']))) for r in records])
+    pairs = [data.encode_report(tok, 'Findings:', r['report'], 64) for r in records]
+    decoder_input_ids, _ = pretrain.pad([p[0] for p in pairs], 0)
+    labels, _ = pretrain.pad([p[1] for p in pairs], -100)
+    cond_labels = torch.tensor([[float(v == 1) for v in r['labels']] for r in records])
+    chexquery.set_phase(1).train()
+    before = {k: v.clone() for k, v in chexquery.state_dict().items() if k.startswith(('vision.', 't5.'))}
+    queries = chexquery.condition_queries.detach().clone()
+    params = [p for p in chexquery.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    out = chexquery(images, decoder_input_ids, labels, cond_labels)
+    (out['loss_gen'] + out['loss_aux']).backward()
+    optimizer.step()
+    after = chexquery.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not torch.equal(chexquery.condition_queries, queries)  # while the query side did train
+    assert not any(n.startswith(('vision.', 't5.')) for n, p in chexquery.named_parameters() if p.requires_grad)
