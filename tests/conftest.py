@@ -138,3 +138,19 @@ def iu_fixture(root, n=20):
     for u, name, _ in rows:
         Image.fromarray(rng.integers(0, 255, (700, 600), dtype=np.uint8)).save(images / name)
     return root
+
+
+@pytest.fixture(scope='session')
+def random_run(phantom_dir, tmp_path_factory):
+    """A run directory with an untrained tiny checkpoint on the phantom set: the generation
+    path in-process in seconds (what it writes is noise; its shape is what is checked)."""
+    import torch
+    import data
+    from chexquery import CheXQuery, save_checkpoint, tiny_config
+    torch.manual_seed(0)
+    model = CheXQuery(tiny_config(vocab_size=len(data.load_tokenizer(phantom_dir)), image_size=64))
+    config = dict(data_dir=phantom_dir, prompt='Findings:', max_len=64, uncertain='positive', tokenizer='',
+                  model_size='tiny', text_model='')
+    out = tmp_path_factory.mktemp('random_run')
+    save_checkpoint(out / 'ckpt.safetensors', model, dict(config=config))
+    return str(out)

@@ -24,22 +24,6 @@ def prediction_records(n=6):
             for i in range(n)]
 
 
-@pytest.fixture(scope='module')
-def random_run(phantom_dir, tmp_path_factory):
-    """A run directory with an untrained tiny checkpoint on the phantom set: the generation
-    path in-process in seconds (what it writes is noise; its shape is what is checked)."""
-    import torch
-    import data
-    from chexquery import CheXQuery, save_checkpoint, tiny_config
-    torch.manual_seed(0)
-    model = CheXQuery(tiny_config(vocab_size=len(data.load_tokenizer(phantom_dir)), image_size=64))
-    config = dict(data_dir=phantom_dir, prompt='Findings:', max_len=64, uncertain='positive', tokenizer='',
-                  model_size='tiny', text_model='')
-    out = tmp_path_factory.mktemp('random_run')
-    save_checkpoint(out / 'ckpt.safetensors', model, dict(config=config))
-    return str(out)
-
-
 def test_score_counts_empty_hypotheses_and_names_empty_references(capsys):
     records = prediction_records()
     records[2]['hypothesis'] = ''

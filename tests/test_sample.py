@@ -64,21 +64,6 @@ def test_a_wrong_images_path_fails_before_a_model_is_loaded(tmp_path, monkeypatc
         sample.list_images(str(tmp_path / 'empty'))
 
 
-@pytest.fixture(scope='module')
-def random_run(phantom_dir, tmp_path_factory):
-    """A run directory with an untrained tiny checkpoint on the phantom set (seconds, no training)."""
-    import torch
-    import data
-    from chexquery import CheXQuery, save_checkpoint, tiny_config
-    torch.manual_seed(0)
-    model = CheXQuery(tiny_config(vocab_size=len(data.load_tokenizer(phantom_dir)), image_size=64))
-    config = dict(data_dir=phantom_dir, prompt='Findings:', max_len=64, uncertain='positive', tokenizer='',
-                  model_size='tiny', text_model='')
-    out = tmp_path_factory.mktemp('random_run')
-    save_checkpoint(out / 'ckpt.safetensors', model, dict(config=config))
-    return str(out)
-
-
 def test_main_in_process_reports_each_readable_image_and_fails_for_the_bad_one(random_run, phantom_dir, tmp_path,
                                                                                 monkeypatch, capsys):
     d = image_dir(phantom_dir, tmp_path)
