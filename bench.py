@@ -90,6 +90,19 @@ def peak_memory_mb(dev):
     return float('nan')
 
 
+class CPUShare:
+    """The share of the machine's time its threads got while it ran: this process's CPU
+    seconds over wall seconds x threads. Well below 1, other processes took the cores (or
+    the row waited on something else) and its time says more about them than about it."""
+
+    def __enter__(self):
+        self.cpu, self.wall = sum(os.times()[:2]), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.share = (sum(os.times()[:2]) - self.cpu) / ((time.perf_counter() - self.wall) * torch.get_num_threads())
+
+
 def matmul_peak(dev, n=2048, reps=10):
     """{path: FLOP/s} of an n x n fp32 matmul: torch.matmul (MKL on x86 CPUs) and, on an
     x86 CPU, oneDNN as hardware.linear runs it. The best is the MFU denominator."""
@@ -214,8 +227,9 @@ def batch(model, B, dev):
 
 
 def train_step(model, phase, B, dev, from_features=False, compiled=False):
-    """Mean seconds of forward, backward and optimizer step, and the first step's seconds
-    (compiling included under torch.compile)."""
+    """Seconds of forward, backward and optimizer step in the fastest of `steps` timed steps
+    (noise on a shared machine only ever adds time), and the first step's seconds (compiling
+    included under torch.compile)."""
     model.set_phase(phase, aux=phase != 3)
     model.train()
     b = batch(model, B, dev)
@@ -247,7 +261,7 @@ def train_step(model, phase, B, dev, from_features=False, compiled=False):
         if i >= warmup_steps:
             times.append((t1 - t0, t2 - t1, t3 - t2))
     del out, loss, opt
-    fwd, bwd, step = (sum(x) / len(x) for x in zip(*times))
+    fwd, bwd, step = min(times, key=sum)
     return dict(forward_s=fwd, backward_s=bwd, optimizer_s=step, first_step_s=first)
 
 
@@ -256,10 +270,12 @@ def bench_training(model, dev, rows, log):
     todo = TRAINING + ((('phase2_compiled', 2, False),) if compile else ())
     for name, phase, cached in todo:
         reset_peak_memory(dev)
-        r = train_step(model, phase, batch_size, dev, from_features=cached, compiled=name.endswith('compiled'))
+        with CPUShare() as cpu:
+            r = train_step(model, phase, batch_size, dev, from_features=cached, compiled=name.endswith('compiled'))
         f, b = flops_per_image(model, seq_len, phase, cached)
         r.update(seconds=r['forward_s'] + r['backward_s'] + r['optimizer_s'], images=batch_size,
-                 flops=(f + b) * batch_size, peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0])
+                 flops=(f + b) * batch_size, peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0],
+                 cpu_share=cpu.share)
         rows[name] = r
         log(name, r)
     if compile:
@@ -280,14 +296,16 @@ def bench_generation(model, dev, rows, log):
     for B in GENERATION_BATCHES:
         images = batch(model, B, dev)['images']
         reset_peak_memory(dev)
-        model.generate(images[:1], [0], **dict(kw, min_length=4, max_length=4))  # warm-up
-        dt = float('inf')
-        for _ in range(2):
-            t0 = t.now()
-            ids = model.generate(images, [0], **kw)
-            dt = min(dt, t.now() - t0)
+        with CPUShare() as cpu:
+            model.generate(images[:1], [0], **dict(kw, min_length=4, max_length=4))  # warm-up
+            dt = float('inf')
+            for _ in range(2):
+                t0 = t.now()
+                ids = model.generate(images, [0], **kw)
+                dt = min(dt, t.now() - t0)
         rows[f'generate_b{B}'] = r = dict(seconds=dt, images=B, new_tokens=ids.shape[1] - 1, flops=per_report * B,
-                                          peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0])
+                                          peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0],
+                                          cpu_share=cpu.share)
         log(f'generate_b{B}', r)
     lora.unmerge_lora(model)
 
@@ -452,19 +470,20 @@ def report(run):
     names = list(next(iter(cols.values())))
     print(f"\n== {run['size']} size: {run['params']:,} parameters; training batch {batch_size}, {seq_len} decoder "
           f"tokens; generation 4 beams, {gen_new_tokens} new tokens")
-    print(f"{'':<20}{'':>9}" + ''.join(f" | {COLUMNS[c]:<31}" for c in cols))
-    print(f"{'':<20}{'GFLOP':>9}" + f" | {'s':>9}{'GFLOP/s':>8}{'MFU':>5}{'peak MB':>9}" * len(cols)
+    print(f"{'':<20}{'':>9}" + ''.join(f" | {COLUMNS[c]:<36}" for c in cols))
+    print(f"{'':<20}{'GFLOP':>9}" + f" | {'s':>9}{'GFLOP/s':>8}{'MFU':>5}{'peak MB':>9}{'CPU':>5}" * len(cols)
           + (f" | {'speed-up':>8}" if len(cols) == 2 else ''))
     for name in names:
         line = f"{label(name):<20}{cols[next(iter(cols))][name]['flops'] / 1e9:>9.1f}"
         for c in cols:
             r = cols[c].get(name)
             line += (f" | {r['seconds']:>9.3f}{r['gflops_per_s']:>8.1f}{r['mfu']:>5.0%}{r['peak_memory_mb']:>9.0f}"
-                     if r else f" | {'':>31}")
+                     f"{r['cpu_share']:>5.0%}" if r else f" | {'':>36}")
         if len(cols) == 2 and all(name in cols[c] for c in cols):
             line += f" | {cols['plain'][name]['seconds'] / cols['cpu'][name]['seconds']:>7.2f}x"
         print(line)
     print("  GFLOP: one training step of the batch, or one generate call of the batch (counted analytically);\n"
+          "  CPU: the share of the cores this process got during the row (well below 100%: others took them);\n"
           "  speed-up: plain / use_cpu_kernels time, the same FLOPs (1.00x at equal FLOP rate)")
     for c, rows in cols.items():
         if 'phase2_compiled' in rows:
@@ -508,7 +527,8 @@ def main():
         results['lora_vs_peft'] = bench_lora_vs_peft(dev)
 
     def log(name, r):
-        print(f"  {name:<16} {r['seconds']:8.3f} s   (load average {r['load_average']:.2f})", flush=True)
+        print(f"  {name:<16} {r['seconds']:8.3f} s   (load average {r['load_average']:.2f}, "
+              f"CPU share {r['cpu_share']:.0%})", flush=True)
 
     # Column by column, plain first: keep_freed_memory changes glibc for the rest of the
     # process and cannot be undone, so no plain row may run after a use_cpu_kernels one.

@@ -79,7 +79,7 @@ def test_a_column_measures_every_row_with_its_flops(quick, column):
     for B in (1, 2):
         g = rows[f'generate_b{B}']
         assert g['new_tokens'] == 4 and g['flops'] == B * bench.generation_flops_per_report(m, 4, 4)
-    assert all({'seconds', 'peak_memory_mb', 'load_average'} <= set(r) for r in rows.values())
+    assert all({'seconds', 'peak_memory_mb', 'load_average', 'cpu_share'} <= set(r) for r in rows.values())
 
 
 def test_both_columns_start_from_the_same_weights():
