@@ -41,7 +41,8 @@ needs_onednn = pytest.mark.skipif(not hardware.ONEDNN_AVAILABLE, reason='oneDNN 
 @needs_onednn
 @pytest.mark.parametrize('shape,bias,weight_trains', [((5, 7), True, True), ((3, 5, 7), False, True),
                                                       ((3, 5, 7), True, False), ((7,), True, True)])
-def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, weight_trains):
+def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, weight_trains, monkeypatch):
+    monkeypatch.setattr(hardware, 'ONEDNN_MIN_MACS', 0)  # these shapes are below it
     torch.manual_seed(0)
     layer = torch.nn.Linear(7, 11, bias=bias)
     layer.weight.requires_grad_(weight_trains)
@@ -57,6 +58,14 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, weight
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
+@needs_onednn
+def test_linear_leaves_small_gemms_to_f_linear_and_takes_big_ones():
+    small_x, big_x = torch.randn(4, 128, requires_grad=True), torch.randn(64, 256, requires_grad=True)
+    w = torch.randn(256, 256)
+    assert 'OneDNN' not in type(hardware.linear(small_x, torch.randn(128, 128)).grad_fn).__name__
+    assert 'OneDNN' in type(hardware.linear(big_x, w).grad_fn).__name__  # 64 x 256 x 256 = 4.2 million
+
+
 def test_linear_falls_back_to_f_linear_off_the_fp32_cpu_path():
     w = torch.randn(4, 3, dtype=torch.float64)
     x = torch.randn(2, 3, dtype=torch.float64)
@@ -67,6 +76,7 @@ def test_linear_falls_back_to_f_linear_off_the_fp32_cpu_path():
 
 @needs_onednn
 def test_every_linear_of_the_model_runs_on_onednn_with_the_same_result(monkeypatch):
+    monkeypatch.setattr(hardware, 'ONEDNN_MIN_MACS', 0)  # the tiny model's linears are below it
     m = hardware.use_onednn_linears(tiny())
     m.set_phase(2, full_backbones=True)
     assert not [n for n, mod in m.named_modules() if type(mod) is torch.nn.Linear]
@@ -123,9 +133,10 @@ def test_the_opaque_onednn_op_torch_compile_sees_is_a_valid_custom_op():
 
 @pytest.mark.slow
 @needs_onednn
-def test_torch_compile_of_a_model_on_cpu_kernels_gives_the_eager_loss_and_gradients():
+def test_torch_compile_of_a_model_on_cpu_kernels_gives_the_eager_loss_and_gradients(monkeypatch):
     """Under torch.compile the oneDNN linears go through the opaque op (Inductor's own fusion of
     mkldnn linears fails on trained weights); the step must be the eager one. About a minute."""
+    monkeypatch.setattr(hardware, 'ONEDNN_MIN_MACS', 0)  # every linear on oneDNN, small as they are
     m = hardware.use_cpu_kernels(tiny())
     m.set_phase(2)
     m.eval()  # no dropout: the two runs must see the same function
