@@ -91,16 +91,16 @@ def peak_memory_mb(dev):
 
 
 class CPUShare:
-    """The share of the machine's time its threads got while it ran: this process's CPU
-    seconds over wall seconds x threads. Well below 1, other processes took the cores (or
-    the row waited on something else) and its time says more about them than about it."""
+    """The share of the cores this process's threads got between start() and stop(): its CPU
+    seconds over wall seconds x threads. Well below 1 over timed steps, other processes took
+    the cores, and the time says more about them than about the row."""
 
-    def __enter__(self):
+    def start(self):
         self.cpu, self.wall = sum(os.times()[:2]), time.perf_counter()
         return self
 
-    def __exit__(self, *exc):
-        self.share = (sum(os.times()[:2]) - self.cpu) / ((time.perf_counter() - self.wall) * torch.get_num_threads())
+    def stop(self):
+        return (sum(os.times()[:2]) - self.cpu) / ((time.perf_counter() - self.wall) * torch.get_num_threads())
 
 
 def matmul_peak(dev, n=2048, reps=10):
@@ -228,8 +228,8 @@ def batch(model, B, dev):
 
 def train_step(model, phase, B, dev, from_features=False, compiled=False):
     """Seconds of forward, backward and optimizer step in the fastest of `steps` timed steps
-    (noise on a shared machine only ever adds time), and the first step's seconds (compiling
-    included under torch.compile)."""
+    (noise on a shared machine only ever adds time), the first step's seconds (compiling
+    included under torch.compile), and the timed steps' CPU share."""
     model.set_phase(phase, aux=phase != 3)
     model.train()
     b = batch(model, B, dev)
@@ -244,6 +244,8 @@ def train_step(model, phase, B, dev, from_features=False, compiled=False):
     t, times, first = Timer(dev), [], None
     torch.manual_seed(0)  # the same dropout masks in every column
     for i in range(warmup_steps + steps):
+        if i == warmup_steps:
+            cpu = CPUShare().start()
         t0 = t.now()
         out = run(None if from_features else b['images'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
                   label_smoothing=0.1 if phase > 1 else 0.0, features=features)
@@ -260,9 +262,10 @@ def train_step(model, phase, B, dev, from_features=False, compiled=False):
         # freed (at the real size, phase 2's second step once spent 8 s in page faults).
         if i >= warmup_steps:
             times.append((t1 - t0, t2 - t1, t3 - t2))
+    share = cpu.stop()
     del out, loss, opt
     fwd, bwd, step = min(times, key=sum)
-    return dict(forward_s=fwd, backward_s=bwd, optimizer_s=step, first_step_s=first)
+    return dict(forward_s=fwd, backward_s=bwd, optimizer_s=step, first_step_s=first, cpu_share=share)
 
 
 def bench_training(model, dev, rows, log):
@@ -270,12 +273,10 @@ def bench_training(model, dev, rows, log):
     todo = TRAINING + ((('phase2_compiled', 2, False),) if compile else ())
     for name, phase, cached in todo:
         reset_peak_memory(dev)
-        with CPUShare() as cpu:
-            r = train_step(model, phase, batch_size, dev, from_features=cached, compiled=name.endswith('compiled'))
+        r = train_step(model, phase, batch_size, dev, from_features=cached, compiled=name.endswith('compiled'))
         f, b = flops_per_image(model, seq_len, phase, cached)
         r.update(seconds=r['forward_s'] + r['backward_s'] + r['optimizer_s'], images=batch_size,
-                 flops=(f + b) * batch_size, peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0],
-                 cpu_share=cpu.share)
+                 flops=(f + b) * batch_size, peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0])
         rows[name] = r
         log(name, r)
     if compile:
@@ -296,16 +297,15 @@ def bench_generation(model, dev, rows, log):
     for B in GENERATION_BATCHES:
         images = batch(model, B, dev)['images']
         reset_peak_memory(dev)
-        with CPUShare() as cpu:
-            model.generate(images[:1], [0], **dict(kw, min_length=4, max_length=4))  # warm-up
-            dt = float('inf')
-            for _ in range(2):
-                t0 = t.now()
-                ids = model.generate(images, [0], **kw)
-                dt = min(dt, t.now() - t0)
+        model.generate(images[:1], [0], **dict(kw, min_length=4, max_length=4))  # warm-up
+        dt, cpu = float('inf'), CPUShare().start()
+        for _ in range(2):
+            t0 = t.now()
+            ids = model.generate(images, [0], **kw)
+            dt = min(dt, t.now() - t0)
         rows[f'generate_b{B}'] = r = dict(seconds=dt, images=B, new_tokens=ids.shape[1] - 1, flops=per_report * B,
                                           peak_memory_mb=peak_memory_mb(dev), load_average=os.getloadavg()[0],
-                                          cpu_share=cpu.share)
+                                          cpu_share=cpu.stop())
         log(f'generate_b{B}', r)
     lora.unmerge_lora(model)
 
@@ -483,7 +483,7 @@ def report(run):
             line += f" | {cols['plain'][name]['seconds'] / cols['cpu'][name]['seconds']:>7.2f}x"
         print(line)
     print("  GFLOP: one training step of the batch, or one generate call of the batch (counted analytically);\n"
-          "  CPU: the share of the cores this process got during the row (well below 100%: others took them);\n"
+          "  CPU: the share of the cores this process got in the timed steps (well below 100%: others took them);\n"
           "  speed-up: plain / use_cpu_kernels time, the same FLOPs (1.00x at equal FLOP rate)")
     for c, rows in cols.items():
         if 'phase2_compiled' in rows:
