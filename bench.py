@@ -502,10 +502,10 @@ def report(run):
 
 
 def main():
-    dev = hardware.resolve_device(device)
-    columns = ('plain', 'cpu') if kernels == 'both' else (kernels,)
     if kernels not in ('both', 'plain', 'cpu'):
         raise ValueError(f"kernels must be 'both', 'plain' or 'cpu', got {kernels!r}")
+    dev = hardware.resolve_device(device)
+    columns = ('plain', 'cpu') if kernels == 'both' else (kernels,)
     if dev != 'cpu':
         columns = ('plain',)  # the CPU kernels are for the CPU
     sizes = ('tiny', 'real') if size == 'both' else (size,)
