@@ -22,7 +22,7 @@ from collections import Counter
 from multiprocessing import Pool
 
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from chexpert import CONDITIONS
 
@@ -41,9 +41,15 @@ IU_PROJECTION_COLUMNS = ('uid', 'filename', 'projection')
 
 
 # --- images ----------------------------------------------------------------------
+DICOM_EXTENSIONS = ('.dcm', '.dicom')
+
+
 def load_image(path):
-    """An RGB PIL image from any common mode (L, I;16, I, F, RGB, RGBA, LA, P).
+    """An RGB PIL image from any common mode (L, I;16, I, F, RGB, RGBA, LA, P), or from a
+    DICOM file (.dcm, or any file with DICOM's 'DICM' preamble; needs pydicom).
     Raises ValueError naming the file for anything unreadable."""
+    if str(path).lower().endswith(DICOM_EXTENSIONS):
+        return load_dicom(path)
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit: make every bomb an error
@@ -53,11 +59,74 @@ def load_image(path):
                 return to_rgb(im)
     except FileNotFoundError:
         raise ValueError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        if is_dicom(path):  # hospital exports often carry no extension
+            return load_dicom(path)
+        raise ValueError(f"{path}: not a readable image ({unreadable_reason(path, 'cannot identify image file')})") \
+            from None
     except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        # PIL's own message names the file again: the error says it once
-        reason = 'empty (0 bytes)' if os.path.exists(path) and os.path.getsize(path) == 0 else \
-            str(e).replace(f" '{path}'", '').replace(f' {path!r}', '')
-        raise ValueError(f"{path}: not a readable image ({reason})") from None
+        raise ValueError(f"{path}: not a readable image ({unreadable_reason(path, e)})") from None
+
+
+def unreadable_reason(path, e):
+    # PIL's own message names the file again: the error says it once
+    if os.path.exists(path) and os.path.getsize(path) == 0:
+        return 'empty (0 bytes)'
+    return str(e).replace(f" '{path}'", '').replace(f' {path!r}', '')
+
+
+def is_dicom(path):
+    """Whether the file starts with DICOM's 128-byte preamble and 'DICM'."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read(132)[128:] == b'DICM'
+    except OSError:
+        return False
+
+
+def load_dicom(path):
+    """A DICOM radiograph as an RGB PIL image, as a viewer would show it: the modality LUT
+    (or rescale) and the first VOI window (or VOI LUT) applied, then min-max scaled to 8 bits
+    (12 to 16-bit data; 8-bit data already in 0..255 is kept), MONOCHROME1 inverted so bone is
+    white. The first frame of a multi-frame file. Raises ImportError without pydicom, and
+    ValueError naming the file for anything pydicom can't read or decode (a compressed transfer
+    syntax without its decoder plugin, no pixel data, ...)."""
+    import numpy as np
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError(f"{path}: reading DICOM files needs pydicom, which is not installed: "
+                          f"pip install pydicom") from None
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    try:
+        ds = pydicom.dcmread(path)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        if rows * cols > Image.MAX_IMAGE_PIXELS:  # the same bomb limit as PIL's, checked before decoding
+            raise ValueError(f"{rows} x {cols} pixels exceeds the limit of {Image.MAX_IMAGE_PIXELS} "
+                             f"(a decompression bomb?)")
+        a = ds.pixel_array
+        if int(ds.get('NumberOfFrames', 1) or 1) > 1:
+            a = a[0]
+        bits = int(ds.get('BitsStored', 8))
+        photometric = str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).upper()
+        if int(ds.get('SamplesPerPixel', 1)) == 1:
+            a = apply_voi_lut(apply_modality_lut(a, ds), ds)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: image file not found") from None
+    except Exception as e:  # pydicom's errors are of many types; each makes this file unreadable
+        reason = unreadable_reason(path, f"{type(e).__name__}: {' '.join(str(e).split())}")  # one line
+        raise ValueError(f"{path}: not a readable DICOM image ({reason})") from None
+    a = np.asarray(a, dtype=np.float64)
+    if bits > 8 or a.min() < 0 or a.max() > 255:
+        # min-max of the windowed signal: all of it kept, none clipped at 255 (convert('L') would)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    if photometric == 'MONOCHROME1':  # 0 is white in MONOCHROME1
+        a = 255.0 - a
+    return Image.fromarray(a.round().astype(np.uint8)).convert('RGB')  # (H, W) -> L, (H, W, 3) -> RGB
 
 
 def to_rgb(im):
@@ -403,7 +472,9 @@ def prepare_iu(src, out_dir, seed=1337, short_side=448, n_workers=0):
     jobs = []
     for recs in splits.values():
         for r in recs:
-            name, r['image'] = r['image'], f'images_{short_side}/{r["image"]}'
+            # a DICOM source's copy is a PNG, named so: '1_IM-0001-4001.dcm' -> '1_IM-0001-4001.dcm.png'
+            name, r['image'] = r['image'], f'images_{short_side}/{r["image"]}' + \
+                ('.png' if r['image'].lower().endswith(DICOM_EXTENSIONS) else '')
             jobs.append((os.path.join(image_dir, name), os.path.join(out_dir, r['image']), short_side))
     manifest = dict(dataset='iu_xray', source=os.path.abspath(src), seed=seed, split='patient-level 70/15/15',
                     short_side=short_side, label_source='rule-based labeler', conditions=list(CONDITIONS),
@@ -476,13 +547,20 @@ def mimic_records(src):
     return out, dropped
 
 
+def mimic_source(src, image):
+    """The image file to read: MIMIC-CXR-JPG's .jpg, or the DICOM original (.dcm, MIMIC-CXR's
+    layout) where only that is there."""
+    dcm = image[:-len('.jpg')] + '.dcm'
+    return dcm if not os.path.isfile(os.path.join(src, image)) and os.path.isfile(os.path.join(src, dcm)) else image
+
+
 def prepare_mimic(src, out_dir, short_side=448, n_workers=0):
     splits, dropped = mimic_records(src)
     os.makedirs(out_dir, exist_ok=True)
     jobs = []
     for recs in splits.values():
         for r in recs:
-            name = r['image']
+            name = mimic_source(src, r['image'])
             r['image'] = f'images_{short_side}/{r["id"]}.png'
             jobs.append((os.path.join(src, name), os.path.join(out_dir, r['image']), short_side))
     manifest = dict(dataset='mimic_cxr', source=os.path.abspath(src), split='official', short_side=short_side,
