@@ -491,11 +491,19 @@ def find_file(root, name):
     raise FileNotFoundError(f"{os.path.join(root, name)}(.gz) not found: is {root} the MIMIC-CXR-JPG 2.0.0 directory?")
 
 
+# A report's indication: the first non-empty of these sections, in this order.
+INDICATION_SECTIONS = ('INDICATION', 'HISTORY', 'REASON FOR EXAMINATION')
+
+
 def report_sections(text):
-    """(findings, impression) from a MIMIC-CXR free-text report's 'FINDINGS:' / 'IMPRESSION:' headers."""
+    """(findings, impression, indication) from a MIMIC-CXR free-text report's section headers
+    ('FINDINGS:', 'IMPRESSION:'; the indication from INDICATION_SECTIONS), whitespace collapsed."""
     parts = re.split(r'^\s*([A-Z][A-Z /&()-]+):', text, flags=re.M)  # [preamble, header, body, header, body, ...]
-    sections = {h.strip(): ' '.join(b.split()) for h, b in zip(parts[1::2], parts[2::2])}
-    return sections.get('FINDINGS', ''), sections.get('IMPRESSION', '')
+    sections = {}
+    for h, b in zip(parts[1::2], parts[2::2]):
+        sections.setdefault(h.strip(), ' '.join(b.split()))  # a repeated header: the first one counts
+    indication = next((sections[h] for h in INDICATION_SECTIONS if sections.get(h)), '')
+    return sections.get('FINDINGS', ''), sections.get('IMPRESSION', ''), indication
 
 
 def chexpert_value(v):
@@ -503,46 +511,62 @@ def chexpert_value(v):
     return None if v == '' else int(float(v))
 
 
+def mimic_tables(src):
+    """(metadata rows, its path, {study_id: 14 labels}) of MIMIC-CXR-JPG."""
+    meta_csv = find_file(src, 'mimic-cxr-2.0.0-metadata.csv')
+    meta = read_csv(meta_csv, ('dicom_id', 'subject_id', 'study_id', 'ViewPosition'))
+    labels = read_csv(find_file(src, 'mimic-cxr-2.0.0-chexpert.csv'), ('subject_id', 'study_id') + CONDITIONS)
+    return meta, meta_csv, {r['study_id']: [chexpert_value(r[c]) for c in CONDITIONS] for r in labels}
+
+
+def mimic_paths(m, meta_csv, row):
+    """(image, report) paths of a metadata row, relative to the download; errors name the row."""
+    p, s = f"p{m['subject_id']}", f"s{m['study_id']}"
+    image, report = os.path.join('files', p[:3], p, s, m['dicom_id'] + '.jpg'), os.path.join('files', p[:3], p, s + '.txt')
+    for name in (image, report, m['dicom_id'] + '.png'):
+        if path_problem(name):  # the image, its report, its resized copy
+            raise ValueError(f"{meta_csv}, row {row}: the path made of subject_id, study_id and dicom_id "
+                             f"{path_problem(name)}")
+    return image, report
+
+
+def mimic_report(src, report, cache):
+    """report_sections of a study's report file (cached by path), or None when it is missing."""
+    if report not in cache:
+        try:
+            with open(os.path.join(src, 'mimic-cxr-reports', report)) as f:
+                cache[report] = report_sections(f.read())
+        except OSError:
+            cache[report] = None
+    return cache[report]
+
+
 def mimic_records(src):
     """Frontal (PA, AP) records of MIMIC-CXR-JPG with the official split and CheXpert labels."""
-    meta = read_csv(find_file(src, 'mimic-cxr-2.0.0-metadata.csv'), ('dicom_id', 'subject_id', 'study_id', 'ViewPosition'))
-    labels = read_csv(find_file(src, 'mimic-cxr-2.0.0-chexpert.csv'), ('subject_id', 'study_id') + CONDITIONS)
+    meta, meta_csv, label_of = mimic_tables(src)
     splits = read_csv(find_file(src, 'mimic-cxr-2.0.0-split.csv'), ('dicom_id', 'study_id', 'subject_id', 'split'))
     split_of = {r['dicom_id']: {'validate': 'val'}.get(r['split'], r['split']) for r in splits}
-    label_of = {r['study_id']: [chexpert_value(r[c]) for c in CONDITIONS] for r in labels}
     out, dropped, reports = {'train': [], 'val': [], 'test': []}, Counter(), {}
-    meta_csv = find_file(src, 'mimic-cxr-2.0.0-metadata.csv')
     for row, m in enumerate(meta, 1):
         if m['ViewPosition'] not in ('PA', 'AP'):
             dropped['image: not a frontal (PA/AP) view'] += 1
             continue
-        p, s = f"p{m['subject_id']}", f"s{m['study_id']}"
-        image = os.path.join('files', p[:3], p, s, m['dicom_id'] + '.jpg')
-        for name in (image, os.path.join('files', p[:3], p, s + '.txt'), m['dicom_id'] + '.png'):
-            if path_problem(name):  # the image, its report, its resized copy
-                raise ValueError(f"{meta_csv}, row {row}: the path made of subject_id, study_id and dicom_id "
-                                 f"{path_problem(name)}")
-        if s not in reports:
-            path = os.path.join(src, 'mimic-cxr-reports', 'files', p[:3], p, s + '.txt')
-            try:
-                with open(path) as f:
-                    reports[s] = report_sections(f.read())
-            except OSError:
-                reports[s] = None
-        if reports[s] is None:
+        image, report = mimic_paths(m, meta_csv, row)
+        sections = mimic_report(src, report, reports)
+        if sections is None:
             dropped['image: report file missing'] += 1
-        elif not any(reports[s]):
+        elif not any(sections[:2]):
             dropped['image: report has neither FINDINGS nor IMPRESSION'] += 1
         elif m['study_id'] not in label_of:
             dropped['image: study has no CheXpert labels'] += 1
         elif m['dicom_id'] not in split_of:
             dropped['image: not in the official split'] += 1
         else:
-            findings, impression = reports[s]
+            findings, impression, indication = sections
             out[split_of[m['dicom_id']]].append(dict(
                 id=m['dicom_id'], uid=m['subject_id'], study=m['study_id'],
                 image=image, findings=findings,
-                impression=impression, report=make_report(findings, impression), indication='',
+                impression=impression, report=make_report(findings, impression), indication=indication,
                 labels=label_of[m['study_id']], label_source='mimic-cxr-2.0.0-chexpert.csv'))
     return out, dropped
 
