@@ -154,7 +154,8 @@ def test_prepare_mimic_fixture(tmp_path):
 
 @pytest.mark.parametrize('report, want', [
     # (findings, impression, indication): the first non-empty of INDICATION, HISTORY, REASON FOR EXAMINATION
-    ('INDICATION:  ___M with cough,\n  fever.\nFINDINGS: Clear.\nIMPRESSION: Normal.', ('Clear.', 'Normal.', '___M with cough, fever.')),
+    ('INDICATION:  ___M with cough,\n  fever.\nFINDINGS: Clear.\nIMPRESSION: Normal.',
+     ('Clear.', 'Normal.', '___M with cough, fever.')),
     ('HISTORY: Fall.\nINDICATION: Rib pain.\nFINDINGS: No fracture.', ('No fracture.', '', 'Rib pain.')),
     ('INDICATION:\n\nHISTORY: Fall.\n\nFINDINGS: No fracture.', ('No fracture.', '', 'Fall.')),  # empty: the next
     ('REASON FOR EXAMINATION: Evaluate for pneumonia.\nHISTORY:  \nIMPRESSION: No pneumonia.',
