@@ -113,6 +113,7 @@ def test_iu_references_from_the_file(tmp_path):
     assert r['findings'] == 'There is a small left pleural effusion number 5.' and r['impression'] == ''
     assert r['labels'][EFFUSION] == 1  # labelled from the reference used
     assert r['indication'] == 'Cough 5.' and m['references'] == 'annotation'
+    assert [x['id'] for x in data.read_split(str(tmp_path / 'iu'), 'test')] == [open_i(9), open_i(10)]  # trainable
 
 
 def test_a_split_file_matching_no_file_is_an_error(tmp_path):
