@@ -65,6 +65,7 @@ bertscore_layer = -1          # its hidden layer used for the token embeddings
 meteor15 = True               # the paper-style row's METEOR 1.5 (pycocoevalcap's Java jar, ~10 s to start)
 baselines = True
 context = None                # None: as the checkpoint was trained (with context: both ways, an A/B table); True, False
+section = ''                  # predictions mode: score one section ('findings', 'impression') of both reports
 device = 'auto'
 cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
 globals().update(GENERATION)  # num_beams, no_repeat_ngram_size, ... : the model's defaults, overridable here
@@ -172,6 +173,25 @@ def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size
     print(f"generated {len(records)} reports for {cfg['data_dir']} {split_name} ({n - len(records)} images skipped), "
           f"target {target}, context {'on' if context else 'off'}")
     return records, cfg
+
+
+def section_of(text, name):
+    """One section of a 'Findings: ... | Impression: ...' report, label included; '' when it has none."""
+    for part in (text or '').split('|'):
+        if part.strip().lower().startswith(name + ':'):
+            return part.strip()
+    return ''
+
+
+def cut_to_section(records, name):
+    """The records with reference and hypothesis cut to one section; those whose reference
+    lacks it are left out (counted), so a findings-only model and a both-sections model
+    are scored on the same studies and the same text."""
+    data.section_prompt(name)  # a known section, or an error naming it
+    kept = [dict(r, reference=section_of(r['reference'], name), hypothesis=section_of(r.get('hypothesis'), name))
+            for r in records if section_of(r['reference'], name)]
+    print(f"section={name}: scoring {len(kept)} records, {len(records) - len(kept)} without that section left out")
+    return kept
 
 
 def read_predictions(path):
@@ -405,9 +425,10 @@ def main():
         print('\n'.join(headline(combine_seeds([s for s in seeds.split(',') if s], split))))
         return
     if predictions:
-        records = read_predictions(predictions)
-        score_and_write(records, os.path.splitext(predictions)[0] + '_metrics', data_dir,
-                        records[0].get('target', 'both'))
+        records, stem = read_predictions(predictions), os.path.splitext(predictions)[0] + '_metrics'
+        if section:
+            records, stem = cut_to_section(records, section), f"{stem}_{section}"
+        score_and_write(records, stem, data_dir, section or records[0].get('target', 'both'))
     elif out_dir:
         metrics, cfg = generate_and_score(context)
         if context is None and cfg.get('context'):  # trained with context: the A/B test on the same checkpoint

@@ -147,3 +147,18 @@ def test_context_on_a_checkpoint_trained_without_it_is_an_error(tiny_run):
                                       device='cpu', cpu_kernels=False)
     assert evaluate.check_context(None, {'context': False}, 'x') is False
     assert evaluate.check_context(False, {'context': True}, 'x') is False
+
+
+def test_one_section_of_both_reports_is_scored_alone():
+    import eval as evaluate
+    records = [dict(id='a', reference='Findings: The heart is enlarged. | Impression: Cardiomegaly.',
+                    hypothesis='Findings: The lungs are clear. | Impression: Normal chest.'),
+               dict(id='b', reference='Impression: Normal chest.', hypothesis='Findings: Clear. | Impression: Normal.'),
+               dict(id='c', reference='Findings: Clear lungs. | Impression: Normal.', hypothesis='')]
+    kept = evaluate.cut_to_section(records, 'findings')
+    assert [r['id'] for r in kept] == ['a', 'c']  # b has no findings in its reference
+    assert kept[0]['reference'] == 'Findings: The heart is enlarged.' and kept[0]['hypothesis'] == 'Findings: The lungs are clear.'
+    assert kept[1]['hypothesis'] == ''  # an empty report stays in, and scores 0
+    assert evaluate.cut_to_section(records, 'impression')[1]['hypothesis'] == 'Impression: Normal.'
+    with pytest.raises(ValueError, match='target'):
+        evaluate.cut_to_section(records, 'history')
