@@ -298,6 +298,18 @@ GENERATION = dict(num_beams=4, no_repeat_ngram_size=3, length_penalty=1.0, early
                   min_length=20, max_length=512)
 
 
+class ReportNGramBlock:
+    """no_repeat_ngram_size over the generated tokens only: an indication ahead of the report
+    ('Follow-up of known pleural effusion.') must not forbid the report to say 'pleural effusion.'"""
+
+    def __init__(self, n, start):
+        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+        self.block, self.start = NoRepeatNGramLogitsProcessor(n), start
+
+    def __call__(self, input_ids, scores):
+        return self.block(input_ids[:, self.start:], scores)
+
+
 class CheXQuery(nn.Module):
 
     def __init__(self, cfg: CheXQueryConfig):
@@ -411,10 +423,11 @@ class CheXQuery(nn.Module):
         return out
 
     @torch.inference_mode()  # not just no_grad: no autograd bookkeeping at all (~10% at batch 16 on CPU)
-    def generate(self, images, prompt_ids, visual_tokens=None, **settings):
+    def generate(self, images, prompt_ids, visual_tokens=None, prompt_mask=None, **settings):
         """Token ids (B, T) starting with prompt_ids ((P,) or (B, P), decoder start token first).
-        Pass visual_tokens from encode() to skip encoding the images again. settings override
-        GENERATION and go on to Hugging Face's generate."""
+        Pass visual_tokens from encode() to skip encoding the images again. prompt_mask (B, P)
+        is 0 on left padding, for prompts of different lengths (data.prompt_batch). settings
+        override GENERATION and go on to Hugging Face's generate."""
         from transformers.modeling_outputs import BaseModelOutput
         if visual_tokens is None:
             visual_tokens = self.encode(images)['visual_tokens']
@@ -426,6 +439,10 @@ class CheXQuery(nn.Module):
         if settings['num_beams'] == 1:
             settings['early_stopping'] = False  # a beam-search flag: greedy search warns about it
         # a fresh BaseModelOutput on every call: generate expands it in place for beams
+        if settings.get('no_repeat_ngram_size'):  # counted on the report alone, not the prompt ahead of it
+            settings['logits_processor'] = [ReportNGramBlock(settings.pop('no_repeat_ngram_size'), prompt_ids.shape[1])]
+        if prompt_mask is not None:  # generate extends it by a 1 per new token
+            settings['decoder_attention_mask'] = torch.as_tensor(prompt_mask, device=visual_tokens.device)
         return self.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual_tokens),
                                 decoder_input_ids=prompt_ids, **settings)
 

@@ -147,15 +147,66 @@ def check_tokenizer(tok, decoder_config, source, saved=None):
                          f"was trained with (--tokenizer=DIR, or the data_dir whose tokenizer.json it used)")
 
 
-def prompt_ids(tok, prompt):
+# --- the decoder's prompt: the target section and the clinical context ---------------------
+TARGETS = ('both', 'findings', 'impression')
+MAX_CONTEXT_TOKENS = 64  # an indication is cut here, so a long history cannot crowd out the report
+
+
+def section_prompt(target):
+    """The prompt that starts the report: the first section's label. The loss ignores it."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    return 'Impression:' if target == 'impression' else 'Findings:'
+
+
+def target_text(record, target):
+    """What the decoder learns to write for a record: the whole report, or one section with
+    its label; '' when that section is empty (the study then has no place in that mode)."""
+    if target == 'both':
+        return record['report']
+    text = (record.get(target) or '').strip()
+    return f"{section_prompt(target)} {text}" if text else ''
+
+
+def prompt_tokens(tok, prompt, indication=''):
+    """The prompt's token ids: 'Indication: <text>.' (cut to MAX_CONTEXT_TOKENS) ahead of the
+    section prompt when there is an indication, else the section prompt alone. With the T5
+    encoder deleted, the decoder reads the indication through its own causal self-attention
+    as the first tokens of the text; its cross-attention sees only the 11 visual tokens."""
+    ids = tok(prompt, add_special_tokens=False)['input_ids']
+    text = ' '.join((indication or '').split())
+    if not text:
+        return ids
+    text = text if text[-1] in '.?!' else text + '.'
+    return tok(f"Indication: {text}", add_special_tokens=False)['input_ids'][:MAX_CONTEXT_TOKENS] + ids
+
+
+def prompt_ids(tok, prompt, indication=''):
     """The decoder prefix for generate: T5's start token (pad, 0) then the prompt."""
-    return [tok.pad_token_id] + tok(prompt, add_special_tokens=False)['input_ids']
+    return [tok.pad_token_id] + prompt_tokens(tok, prompt, indication)
 
 
-def encode_report(tok, prompt, report, max_len):
+def prompt_batch(tok, prompt, indications):
+    """(ids, mask), both (B, P): one prefix per indication, left-padded so every row's
+    report starts at position P; mask is 0 on the padding (None when there is none)."""
+    rows = [prompt_ids(tok, prompt, indication) for indication in indications]
+    P = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+    return ids, (mask if (mask == 0).any() else None)
+
+
+def decode_reports(tok, ids, n_prompt, prompt):
+    """The reports in generate's output (B, T): what follows the n_prompt prompt positions,
+    behind the section prompt. The indication is input, never part of the report."""
+    return [f"{prompt} {text.strip()}".strip() for text in tok.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)]
+
+
+def encode_report(tok, prompt, report, max_len, indication=''):
     """(decoder_input_ids, labels): the decoder reads [start] + prompt + target[:-1] and
-    predicts target + eos; labels are -100 on the prompt so it is given, never learned."""
-    p = tok(prompt, add_special_tokens=False)['input_ids']
+    predicts target + eos; labels are -100 on the prompt (and the indication ahead of it)
+    so it is given, never learned."""
+    p = prompt_tokens(tok, prompt, indication)
     target = report[len(prompt):] if report.startswith(prompt) else report
     t = tok(target.strip(), add_special_tokens=False)['input_ids'][:max(1, max_len - len(p) - 1)] + [tok.eos_token_id]
     seq = p + t
@@ -218,14 +269,27 @@ def read_split(data_dir, split):
 class ReportDataset(torch.utils.data.Dataset):
     """(image, decoder tokens, 14 condition targets) per frontal image of a prepared split.
     Tokenized once up front, so a worker only decodes and augments the image. A bad image
-    gives None (one warning naming the file); collate drops it and counts the skip."""
+    gives None (one warning naming the file); collate drops it and counts the skip.
+    target picks the section to write (studies where it is empty are left out and counted
+    in self.left_out); with context, the indication goes ahead of the prompt, dropped for a
+    share context_dropout of the samples (drawn per sample from torch's generator)."""
 
-    def __init__(self, data_dir, split, tokenizer, image_size, train=False, prompt='Findings:',
-                 max_len=256, uncertain='positive'):
+    def __init__(self, data_dir, split, tokenizer, image_size, train=False, target='both', context=False,
+                 context_dropout=0.0, max_len=256, uncertain='positive'):
         from chexpert import binarize
-        self.data_dir, self.records = data_dir, read_split(data_dir, split)
+        if not 0 <= context_dropout <= 1:
+            raise ValueError(f"context_dropout must be in [0, 1], got {context_dropout}")
+        self.data_dir, self.prompt = data_dir, section_prompt(target)
+        records = read_split(data_dir, split)
+        self.records = [r for r in records if target_text(r, target)]
+        self.left_out = len(records) - len(self.records)
         self.transform = train_transform(image_size) if train else eval_transform(image_size)
-        self.tokens = [encode_report(tokenizer, prompt, r['report'], max_len) for r in self.records]
+        self.context_dropout = context_dropout
+        self.tokens = [encode_report(tokenizer, self.prompt, target_text(r, target), max_len) for r in self.records]
+        # with the indication: only where there is one (an empty one is the same as no context)
+        self.context_tokens = [encode_report(tokenizer, self.prompt, target_text(r, target), max_len,
+                                             r.get('indication', '')) if context and (r.get('indication') or '').strip()
+                               else None for r in self.records]
         self.cond_labels = torch.tensor([binarize(r['labels'], uncertain) for r in self.records], dtype=torch.float32)
         self.warned = set()
         self.cached = set()  # ids whose image train.py no longer needs (it has their encoder outputs)
@@ -246,6 +310,8 @@ class ReportDataset(torch.utils.data.Dataset):
                 print(f"warning: skipping sample {r['id']}: {e}", file=sys.stderr)
             return None
         decoder_input_ids, labels = self.tokens[i]
+        if self.context_tokens[i] and (self.context_dropout == 0 or torch.rand(()).item() >= self.context_dropout):
+            decoder_input_ids, labels = self.context_tokens[i]
         return dict(id=r['id'], image=image, decoder_input_ids=torch.tensor(decoder_input_ids),
                     labels=torch.tensor(labels), cond_labels=self.cond_labels[i])
 

@@ -63,6 +63,7 @@ bertscore_model = ''          # a local model directory turns BERTScore on
 bertscore_layer = -1          # its hidden layer used for the token embeddings
 meteor15 = True               # the paper-style row's METEOR 1.5 (pycocoevalcap's Java jar, ~10 s to start)
 baselines = True
+context = None                # None: as the checkpoint was trained (with context: both ways, an A/B table); True, False
 device = 'auto'
 cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
 globals().update(GENERATION)  # num_beams, no_repeat_ngram_size, ... : the model's defaults, overridable here
@@ -100,10 +101,13 @@ def thumbnail(path, size=32):
     return v / (np.linalg.norm(v) + 1e-6)
 
 
-def baseline_reports(data_dir, test_records):
+def baseline_reports(data_dir, test_records, target='both'):
     """{baseline: [report per test record]}: the most frequent training report for every image,
-    and the report of the nearest training image (cosine on 32 x 32 thumbnails)."""
-    train = data.read_split(data_dir, 'train')
+    and the report of the nearest training image (cosine on 32 x 32 thumbnails); the target
+    section of it when the model writes one section only."""
+    train = [r for r in data.read_split(data_dir, 'train') if data.target_text(r, target)]
+    for r in train:
+        r['report'] = data.target_text(r, target)
     out = {'most frequent train report': [Counter(r['report'] for r in train).most_common(1)[0][0]] * len(test_records)}
     try:
         tr = np.stack([thumbnail(os.path.join(data_dir, r['image'])) for r in train])      # (N_train, 1024)
@@ -115,38 +119,57 @@ def baseline_reports(data_dir, test_records):
 
 
 # --- predictions ------------------------------------------------------------------------------
+def check_context(context, cfg, source):
+    """The context setting to use: the checkpoint's own for None. True for a checkpoint trained
+    without context is an error: it never learned to read an indication ahead of the report."""
+    trained = bool(cfg.get('context', False))
+    if context and not trained:
+        raise ValueError(f"{source} was trained without clinical context: context=True would put an indication "
+                         f"ahead of its prompt, which it never saw. Use context=False (or a run trained with context)")
+    return trained if context is None else bool(context)
+
+
 def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size=16, max_samples=0,
-                         cpu_kernels=True, **generation):
-    """Runs a run's checkpoint over a split; returns the prediction records and the run config."""
+                         cpu_kernels=True, context=None, **generation):
+    """Runs a run's checkpoint over a split, with the indication ahead of the prompt or not
+    (context None: as it was trained); returns the prediction records and the run config."""
     dev = hardware.resolve_device(device)
     model, meta = load_checkpoint(ckpt or run_dir, dev, merge_lora=True)
     if dev == 'cpu' and cpu_kernels:
         hardware.use_cpu_kernels(model)
     cfg, tok = meta['config'], data.run_tokenizer(meta['config'])
-    ds = data.ReportDataset(cfg['data_dir'], split_name, tok, model.cfg.image_size, train=False,
-                            prompt=cfg['prompt'], max_len=cfg['max_len'], uncertain=cfg['uncertain'])
+    context, target = check_context(context, cfg, ckpt or run_dir), cfg.get('target', 'both')
+    ds = data.ReportDataset(cfg['data_dir'], split_name, tok, model.cfg.image_size, train=False, target=target,
+                            context=context, max_len=cfg['max_len'], uncertain=cfg['uncertain'])
+    if ds.left_out:
+        print(f"target={target}: {ds.left_out} {split_name} studies with an empty {target} section left out")
     n = min(len(ds), max_samples) if max_samples else len(ds)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=batch_size,
                                          collate_fn=data.collate)
-    prompt = data.prompt_ids(tok, cfg['prompt'])
     by_id = {r['id']: r for r in ds.records}
     records = []
     for b in loader:
         if b is None:
             continue
+        indications = [by_id[k].get('indication', '') if context else '' for k in b['ids']]
+        prompts, mask = data.prompt_batch(tok, ds.prompt, indications)
         with torch.no_grad():
             enc = model.encode(b['image'].to(dev), return_attention=True)  # once, for report and probabilities
-            ids = model.generate(None, prompt, visual_tokens=enc['visual_tokens'], **generation)
+            ids = model.generate(None, prompts.to(dev), visual_tokens=enc['visual_tokens'], prompt_mask=mask,
+                                 **generation)
         probs = enc['cond_logits'].float().sigmoid().cpu().numpy()
         attention = enc['attention'].float().cpu().numpy()
-        for i, (k, hyp) in enumerate(zip(b['ids'], tok.batch_decode(ids, skip_special_tokens=True))):
+        for i, (k, hyp) in enumerate(zip(b['ids'], data.decode_reports(tok, ids, prompts.shape[1], ds.prompt))):
             r = by_id[k]
-            rec = dict(id=k, reference=r['report'], hypothesis=hyp.strip(), probabilities=probs[i].round(5).tolist(),
-                       labels=r['labels'], image=r['image'])
+            rec = dict(id=k, reference=data.target_text(r, target), hypothesis=hyp, probabilities=probs[i].round(5).tolist(),
+                       labels=r['labels'], image=r['image'], target=target, context=context)
+            if indications[i]:
+                rec['indication'] = indications[i]  # input, kept apart: never in the reference or the hypothesis
             if r.get('regions'):
                 rec['grounding'] = region_shares(attention[i], r['regions'])
             records.append(rec)
-    print(f"generated {len(records)} reports for {cfg['data_dir']} {split_name} ({n - len(records)} images skipped)")
+    print(f"generated {len(records)} reports for {cfg['data_dir']} {split_name} ({n - len(records)} images skipped), "
+          f"target {target}, context {'on' if context else 'off'}")
     return records, cfg
 
 
@@ -163,7 +186,7 @@ def named(ids, most=10):
 
 
 def score(records, train_dir='', uncertain='positive', chexbert='', bert='', bertscore_model='',
-          bertscore_layer=-1, meteor15=False):
+          bertscore_layer=-1, meteor15=False, target='both'):
     """Every metric of a list of prediction records; the baselines too when train_dir (the
     prepared data) is given; CheXbert's labels instead of the rule labeler's with chexbert;
     METEOR 1.5 in the paper-style row with meteor15 (starts Java once). Records with an empty
@@ -180,7 +203,7 @@ def score(records, train_dir='', uncertain='positive', chexbert='', bert='', ber
               f"{metrics_limits()}: {named(clipped)}", file=sys.stderr)
     systems = {'model': hyps}
     if train_dir:
-        systems.update(baseline_reports(train_dir, records))
+        systems.update(baseline_reports(train_dir, records, target))
     with Meteor15() if meteor15 else nullcontext() as m15:
         out = {name: dict(nlg=nlg_metrics(refs, h, bertscore_model, bertscore_layer, m15),
                           clinical=clinical_metrics(refs, h, label, uncertain)) for name, h in systems.items()}
@@ -305,33 +328,72 @@ def headline(combined):
             f"{name}: not in every run" for name, k in HEADLINE]
 
 
+# The A/B table's rows: (name, key in the flattened metrics JSON).
+AB_ROWS = (('BLEU-1', 'systems.model.nlg.coco.bleu1'), ('BLEU-4', 'systems.model.nlg.coco.bleu4'),
+           ('METEOR 1.5', 'systems.model.nlg.coco.meteor'), ('ROUGE-L', 'systems.model.nlg.coco.rouge_l'),
+           ('CIDEr-D', 'systems.model.nlg.coco.cider'), ('METEOR (nltk)', 'systems.model.nlg.meteor'),
+           ('clinical F1 micro-14', 'systems.model.clinical.micro14.f1'),
+           ('clinical F1 macro-14', 'systems.model.clinical.macro14.f1'),
+           ('clinical F1 micro-5', 'systems.model.clinical.micro5.f1'),
+           ('clinical F1 macro-5', 'systems.model.clinical.macro5.f1'),
+           ('aux AUC mean', 'aux_auc.mean'))
+
+
+def ab_table(on, off):
+    """Context ON vs OFF for one checkpoint on one split: every headline metric side by side."""
+    on, off = flatten(on), flatten(off)
+    lines = ["clinical context A/B (one checkpoint, the same images; the aux head does not read the context)",
+             f"{'metric':<24}{'context ON':>12}{'OFF':>10}{'ON - OFF':>10}"]
+    for name, k in AB_ROWS:
+        a, b = on.get(k), off.get(k)
+        lines.append(f"{name:<24}{fmt(a):>12}{fmt(b):>10}{fmt(a - b if a is not None and b is not None else None, '+.4f'):>10}")
+    return '\n'.join(lines)
+
+
+def score_and_write(records, stem, train_dir, target):
+    """Scores predictions, prints the table and writes stem.json, stem.txt (and stem_roc.png)."""
+    metrics = score(records, train_dir if baselines else '', uncertain, chexbert, bert, bertscore_model,
+                    bertscore_layer, meteor15, target)
+    text = table(metrics)
+    print(text)
+    with open(stem + '.json', 'w') as f:
+        json.dump(metrics, f, indent=1)
+    with open(stem + '.txt', 'w') as f:
+        f.write(text + '\n')
+    if 'aux_auc' in metrics:
+        roc_png([binarize(r['labels'], uncertain) for r in records], [r['probabilities'] for r in records],
+                stem + '_roc.png')
+    print(f"wrote {stem}.json, {stem}.txt" + (f", {stem}_roc.png" if 'aux_auc' in metrics else ''))
+    return metrics
+
+
+def generate_and_score(context, suffix=''):
+    records, cfg = generate_predictions(out_dir, split, ckpt, device, batch_size, max_samples, cpu_kernels, context,
+                                        **{k: globals()[k] for k in GENERATION})
+    with open(os.path.join(out_dir, f'predictions_{split}{suffix}.jsonl'), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    return score_and_write(records, os.path.join(out_dir, f'metrics_{split}{suffix}'), cfg['data_dir'],
+                           cfg.get('target', 'both')), cfg
+
+
 def main():
     if seeds:  # prints, writes nothing
         print('\n'.join(headline(combine_seeds([s for s in seeds.split(',') if s], split))))
         return
     if predictions:
-        records, target, train_dir = read_predictions(predictions), os.path.splitext(predictions)[0] + '_metrics', data_dir
+        records = read_predictions(predictions)
+        score_and_write(records, os.path.splitext(predictions)[0] + '_metrics', data_dir,
+                        records[0].get('target', 'both'))
     elif out_dir:
-        records, cfg = generate_predictions(out_dir, split, ckpt, device, batch_size, max_samples, cpu_kernels,
-                                            **{k: globals()[k] for k in GENERATION})
-        target, train_dir = os.path.join(out_dir, f'predictions_{split}'), cfg['data_dir']
-        with open(target + '.jsonl', 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in records)
-        target = os.path.join(out_dir, f'metrics_{split}')
+        metrics, cfg = generate_and_score(context)
+        if context is None and cfg.get('context'):  # trained with context: the A/B test on the same checkpoint
+            off, _ = generate_and_score(False, '_nocontext')
+            text = ab_table(metrics, off)
+            print('\n' + text)
+            with open(os.path.join(out_dir, f'metrics_{split}_ab.txt'), 'w') as f:
+                f.write(text + '\n')
     else:
         sys.exit("give --out_dir=RUN (generate and score), --predictions=FILE.jsonl or --seeds=RUN1,RUN2")
-    metrics = score(records, train_dir if baselines else '', uncertain, chexbert, bert, bertscore_model,
-                    bertscore_layer, meteor15)
-    text = table(metrics)
-    print(text)
-    with open(target + '.json', 'w') as f:
-        json.dump(metrics, f, indent=1)
-    with open(target + '.txt', 'w') as f:
-        f.write(text + '\n')
-    if 'aux_auc' in metrics:
-        roc_png([binarize(r['labels'], uncertain) for r in records], [r['probabilities'] for r in records],
-                target + '_roc.png')
-    print(f"wrote {target}.json, {target}.txt" + (f", {target}_roc.png" if 'aux_auc' in metrics else ''))
 
 
 if __name__ == '__main__':

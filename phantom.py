@@ -42,7 +42,7 @@ seed = 1337
 workers = os.cpu_count() or 1
 force = False  # regenerate even when data_dir already holds this exact set
 
-VERSION = 3    # bump whenever the output for a given seed changes
+VERSION = 4    # bump whenever the output for a given seed changes (4: indications that hint at findings)
 PAD = 0.15     # the canonical canvas reaches PAD beyond the image, so moving it shows no edges
 P_NORMAL, P_DEVICES, P_UNCERTAIN = 0.38, 0.12, 0.15
 # Relative frequency of each finding among abnormal studies. Lung Opacity is low
@@ -137,8 +137,29 @@ NEGATIONS = {  # group: [(sentence, conditions it negates)]
 }
 NORMAL_IMPRESSION = ["No acute cardiopulmonary abnormality.", "No acute cardiopulmonary process.",
                      "No acute cardiopulmonary disease.", "No acute cardiopulmonary findings."]
-INDICATIONS = ["Chest pain.", "Shortness of breath.", "Cough and fever.", "Preoperative evaluation.",
-               "Follow-up.", "Dyspnea on exertion.", "Trauma.", "Hypoxia."]
+# The clinical indication: real but imperfect signal. A finding is named by its hinting indication
+# with probability `p_given`, and a patient without it gets the same hint with `p_false` (a
+# pacemaker check whose leads are not in view, a trauma without a fracture); when no hint is
+# drawn, a generic one that says nothing. The labels come from the findings alone.
+HINTS = [  # (condition or device, indication, p_given, p_false)
+    ('pacer', "Pacemaker check.", 0.6, 0.01), ('cvc', "Central line placement.", 0.6, 0.01),
+    ('ett', "Endotracheal tube position.", 0.6, 0.01), ('ng', "Feeding tube placement.", 0.6, 0.01),
+    ('Pleural Effusion', "Follow-up of known pleural effusion.", 0.5, 0.03),
+    ('Fracture', "Trauma, rib pain.", 0.6, 0.03), ('Pneumothorax', "Sudden chest pain after procedure.", 0.5, 0.02),
+    ('Pneumonia', "Cough and fever.", 0.5, 0.05), ('Consolidation', "Cough and fever.", 0.4, 0.0),
+    ('Edema', "Heart failure, worsening dyspnea.", 0.5, 0.03), ('Cardiomegaly', "Heart failure, worsening dyspnea.", 0.3, 0.0),
+    ('Lung Lesion', "Follow-up of lung nodule.", 0.4, 0.03)]
+INDICATIONS = ["Chest pain.", "Shortness of breath.", "Preoperative evaluation.", "Follow-up.",
+               "Dyspnea on exertion.", "Hypoxia.", "Routine examination."]  # generic: they say nothing
+
+
+def draw_indication(findings, seed, index):
+    """The case's indication, from its own stream so the images and reports do not depend on it."""
+    rng = np.random.default_rng([seed, index, 1])
+    present = {finding['cond'] for finding in findings}
+    present |= {device for finding in findings for device in finding.get('devices', ())}
+    hints = [text for what, text, p_given, p_false in HINTS if rng.random() < (p_given if what in present else p_false)]
+    return hints[0] if hints else str(rng.choice(INDICATIONS))
 
 
 def fill(template, vals):
@@ -151,6 +172,7 @@ def lexicon():
     whose words are all the words any report can contain."""
     texts = [text for group in NEGATIONS.values() for text, _ in group]
     texts += NORMAL_IMPRESSION + ['Findings: | Impression:']
+    texts += [text for _, text, _, _ in HINTS] + INDICATIONS + ['Indication:']  # the context prefix's words
     first = {slot: values[0] for slot, values in FILL.items()}
     for sentences, impressions in list(FIND.values()) + list(HEDGED.values()):
         for template in sentences + impressions:
@@ -229,7 +251,7 @@ def sample_case(seed, index):
     if rng.random() < P_DEVICES:
         findings.append(make_finding('Support Devices', rng))
     return dict(anatomy=anatomy, findings=findings, text_seed=int(rng.integers(2**31)),
-                indication=str(rng.choice(INDICATIONS)))
+                indication=draw_indication(findings, seed, index))
 
 
 class Report:

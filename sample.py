@@ -30,6 +30,8 @@ batch_size = 8
 threshold = 0.5               # aux-head probability above which a condition is called present
 json = False                  # machine-readable output: one JSON object per image
 attention_dir = ''            # write attention-map grids here
+indication = ''               # the clinical indication, for a checkpoint trained with context (every image)
+context = None                # None: as the checkpoint was trained; False: without the indication
 device = 'auto'
 dtype = 'auto'
 cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
@@ -67,9 +69,16 @@ def main():
     model, meta = load_checkpoint(ckpt or out_dir, dev, merge_lora=True)
     if dev == 'cpu' and cpu_kernels:
         hardware.use_cpu_kernels(model)
-    tok = data.run_tokenizer(meta['config'])
+    cfg = meta['config']
+    trained = bool(cfg.get('context', False))
+    if not trained and (context or (context is None and indication.strip())):
+        raise ValueError(f"{ckpt or out_dir} was trained without clinical context: it cannot read an indication "
+                         f"(leave indication and context out, or pass context=False)")
+    use = indication if (trained if context is None else context) else ''
+    tok = data.run_tokenizer(cfg)
     transform = data.eval_transform(model.cfg.image_size)
-    prompt = data.prompt_ids(tok, meta['config']['prompt'])
+    section = data.section_prompt(cfg.get('target', 'both'))
+    prompt = data.prompt_ids(tok, section, use)
     autocast = hardware.autocast(dev, hardware.resolve_dtype(dtype, dev))
     generation = {k: globals()[k] for k in GENERATION}
     if attention_dir:
@@ -86,7 +95,7 @@ def main():
             enc = model.encode(x, return_attention=bool(attention_dir))  # once, for probabilities and report
             ids = model.generate(None, prompt, visual_tokens=enc['visual_tokens'], **generation)
         probs = enc['cond_logits'].float().sigmoid().cpu()
-        reports = tok.batch_decode(ids, skip_special_tokens=True)
+        reports = data.decode_reports(tok, ids, len(prompt), section)
         for i, (f, im) in enumerate(loaded):
             p = {c: round(probs[i, j].item(), 4) for j, c in enumerate(CONDITIONS)}
             record = dict(image=f, report=reports[i].strip(), probabilities=p, threshold=threshold,

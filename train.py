@@ -47,8 +47,10 @@ wandb_project = 'chexquery'
 dataset = 'iu_xray'           # 'iu_xray', 'mimic_cxr' or 'phantom' (generated on first use)
 data_dir = 'data/iu_xray'     # prepared by data.py
 tokenizer = ''                # hub name or local dir; '': text_model's own (the tiny model: data_dir's tokenizer.json)
-prompt = 'Findings:'          # decoder prefix; the loss ignores it
-max_len = 256                 # decoder tokens, prompt included
+target = 'both'               # the report to write: 'both' sections, 'findings' or 'impression' only
+context = False               # the study's indication ahead of the report prompt ("Indication: ... Findings:")
+context_dropout = 0.0         # the share of training samples whose indication is dropped (one model, both ways)
+max_len = 256                 # decoder tokens, prompt (and indication) included
 uncertain = 'positive'        # uncertain CheXpert labels count as positive in the aux targets
 augment = True
 cache_features = False        # phase 1: keep SigLIP's outputs after the first epoch (turns augmentation off)
@@ -218,10 +220,13 @@ if device_type == 'cpu' and cpu_kernels:
     hardware.use_cpu_kernels(model)
 log(model.param_report(full_backbones))
 
-train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, prompt=prompt,
-                               max_len=max_len, uncertain=uncertain)
-val_set = data.ReportDataset(data_dir, 'val', tok, image_size, train=False, prompt=prompt,
+train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, target=target, context=context,
+                               context_dropout=context_dropout, max_len=max_len, uncertain=uncertain)
+val_set = data.ReportDataset(data_dir, 'val', tok, image_size, train=False, target=target, context=context,
                              max_len=max_len, uncertain=uncertain)
+if train_set.left_out or val_set.left_out:
+    log(f"target={target}: left out {train_set.left_out} train and {val_set.left_out} val studies whose {target} "
+        f"section is empty")
 if not len(val_set):
     raise ValueError(f"{data_dir}/val.jsonl has no records: validation needs some")
 
@@ -417,11 +422,14 @@ def evaluate():
         items = [val_set[i] for i in range(min(sample_reports, len(val_set)))]
         items = [x for x in items if x is not None]
         images = torch.stack([x['image'] for x in items]).to(device)
+        by_id = {r['id']: r for r in val_set.records}
+        prompts, mask = data.prompt_batch(tok, val_set.prompt, [by_id[x['id']].get('indication', '') if context else ''
+                                                                 for x in items])
         with autocast:
-            ids = raw_model.generate(images, data.prompt_ids(tok, prompt), num_beams=1, min_length=1,
+            ids = raw_model.generate(images, prompts.to(device), prompt_mask=mask, num_beams=1, min_length=1,
                                      max_length=max_len)
-        for x, hyp in zip(items, tok.batch_decode(ids, skip_special_tokens=True)):
-            ref = tok.decode(x['decoder_input_ids'], skip_special_tokens=True)
+        for x, hyp in zip(items, data.decode_reports(tok, ids, prompts.shape[1], val_set.prompt)):
+            ref = data.target_text(by_id[x['id']], target)
             log(f"  [{x['id']}] ref: {ref}\n  [{x['id']}] gen: {hyp}")
     raw_model.train()
     return result

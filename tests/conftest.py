@@ -149,7 +149,7 @@ def random_run(phantom_dir, tmp_path_factory):
     from chexquery import CheXQuery, save_checkpoint, tiny_config
     torch.manual_seed(0)
     model = CheXQuery(tiny_config(vocab_size=len(data.load_tokenizer(phantom_dir)), image_size=64))
-    config = dict(data_dir=phantom_dir, prompt='Findings:', max_len=64, uncertain='positive', tokenizer='',
+    config = dict(data_dir=phantom_dir, target='both', max_len=64, uncertain='positive', tokenizer='',
                   model_size='tiny', text_model='')
     out = tmp_path_factory.mktemp('random_run')
     save_checkpoint(out / 'ckpt.safetensors', model, dict(config=config))
