@@ -3,15 +3,17 @@ An interactive demo in the browser, and the same model as a small JSON API:
 
     python demo.py --out_dir=out-phantom             # then open the URL it prints
     python demo.py --out_dir=out-phantom --port=0    # any free port
-    curl --data-binary @xray.png 'http://127.0.0.1:8000/api/report?indication=Cough.'
+    curl --data-binary @xray.png http://127.0.0.1:8000/api/report
+    curl --data-binary @xray.png 'http://127.0.0.1:8000/api/report?indication=Cough.'   # trained with context
 
 The page (demo.html) sends a PNG or JPEG, uploaded or one of a few examples, and
 shows the report, the 14 condition probabilities against the threshold, the gate
-and the 20 queries' attention maps. POST /api/report takes the raw image bytes as
-the request body and answers JSON; a bad request gets a 4xx {"error": ...} that
-names the problem. Standard library only: the model loads once, a lock runs one
-request at a time through it, uploads stay in memory, and the only things a
-request can read are the page and the examples, by index.
+and the 20 queries' attention maps; for a checkpoint trained with clinical context,
+the reports with and without an optional indication side by side. POST /api/report
+takes the raw image bytes as the request body and answers JSON; a bad request gets
+a 4xx {"error": ...} that names the problem. Standard library only: the model
+loads once, a lock runs one request at a time through it, uploads stay in memory,
+and the only things a request can read are the page and the examples, by index.
 """
 import base64
 import io
@@ -140,12 +142,9 @@ class Demo:
         self.tok = data.run_tokenizer(self.config)
         data.check_tokenizer(self.tok, self.model.t5.config, path, meta.get('tokenizer'))
         self.context = bool(self.config.get('context'))  # trained with the indication ahead of the prompt
-        if self.context and not hasattr(data, 'prompt_batch'):
-            raise ValueError(f"{path} was trained with clinical context (context=True), which this data.py "
-                             f"cannot prompt for: update the code")
         self.dev, self.dtype = dev, hardware.resolve_dtype(dtype, dev)
         self.transform = data.eval_transform(self.model.cfg.image_size)
-        self.prompt = self.config['prompt']
+        self.prompt = data.section_prompt(self.config.get('target', 'both'))  # 'Findings:' or 'Impression:'
         self.generation = dict(GENERATION, **(generation or {}))
         self.threshold = threshold
         self.examples = example_images(self.config, examples_dir, n_examples)
@@ -165,25 +164,25 @@ class Demo:
         """The JSON answer for an image's bytes: the report (with a context-trained checkpoint and
         an indication, the report without it too), the 14 probabilities, the conditions present,
         the gate, the seconds taken and, when asked, the attention grid as a base64 PNG."""
+        if indication and not self.context:
+            raise RequestError(400, f"{self.checkpoint['name']} was trained without clinical context: it cannot "
+                                    f"read an indication (leave the indication parameter out)")
         with self.lock:
             start = time.perf_counter()
             image = decode_image(body)
             x = self.transform(image)[None].to(self.dev)
             with torch.no_grad(), hardware.autocast(self.dev, self.dtype):
                 enc = self.model.encode(x, return_attention=attention)
-                use = indication if self.context else ''
-                reports = self.reports(enc['visual_tokens'], use)
+                reports = self.reports(enc['visual_tokens'], indication)
             probs = enc['cond_logits'][0].float().sigmoid().tolist()
             p = {c: round(v, 4) for c, v in zip(CONDITIONS, probs)}
             gate = round(enc['gate'][0].item(), 4)
             out = dict(report=reports[0], probabilities=p, threshold=self.threshold,
                        present=[c for c, v in p.items() if v >= self.threshold], gate=gate,
-                       context=self.context, indication=use or None,
+                       context=self.context, indication=indication or None,
                        image=dict(width=image.width, height=image.height), checkpoint=self.checkpoint)
-            if use:
+            if indication:
                 out['report_without_indication'] = reports[1]
-            elif indication:
-                out['warning'] = "this checkpoint was trained without clinical context: the indication was not used"
             if attention:
                 png = io.BytesIO()
                 maps = enc['attention'][0].float().cpu().numpy()
@@ -193,16 +192,13 @@ class Demo:
             return out
 
     def reports(self, visual_tokens, indication):
-        """[report] from the visual tokens (1, T, D); [with, without] when an indication is used."""
-        if not self.context:
-            ids = self.model.generate(None, data.prompt_ids(self.tok, self.prompt), visual_tokens=visual_tokens,
-                                      **self.generation)
-            return [r.strip() for r in self.tok.batch_decode(ids, skip_special_tokens=True)]
+        """[report] from the visual tokens (1, T, D); [with, without] when there is an indication
+        (a context-trained checkpoint only), both in one left-padded batch."""
         texts = [indication, ''] if indication else ['']
         ids, mask = data.prompt_batch(self.tok, self.prompt, texts)
         out = self.model.generate(None, ids.to(self.dev), visual_tokens=visual_tokens.expand(len(texts), -1, -1),
-                                  prompt_mask=mask.to(self.dev), **self.generation)
-        return [r.strip() for r in data.decode_reports(self.tok, out, ids.shape[1], self.prompt)]
+                                  prompt_mask=None if mask is None else mask.to(self.dev), **self.generation)
+        return data.decode_reports(self.tok, out, ids.shape[1], self.prompt)  # the indication is not in them
 
 
 class Handler(BaseHTTPRequestHandler):

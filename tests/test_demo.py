@@ -2,9 +2,9 @@
 checkpoint loaded once for the module: the page, the examples by index only, a report with
 the model's own probabilities, each kind of bad upload and malformed request answered with a
 4xx JSON error that names the problem (and the server answering after each), path traversal,
-two requests at once, and the clinical-context path's plumbing."""
+two requests at once, and a checkpoint trained with clinical context: reports with and without
+the indication."""
 import base64
-import copy
 import http.client
 import io
 import json
@@ -21,6 +21,7 @@ from PIL import Image
 import data
 import demo
 from chexpert import CONDITIONS
+from conftest import train_in_process
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 SETTINGS = dict(num_beams=1, max_length=40, min_length=5)
@@ -178,14 +179,12 @@ def test_jpeg_and_other_modes_and_no_attention_unless_asked(server, phantom_dir)
     assert max(abs(a - b) for a, b in zip(answers[0], answers[1])) < 0.05  # JPEG: nearly
 
 
-def test_an_indication_is_ignored_by_a_checkpoint_trained_without_context(server, phantom_dir):
+def test_an_indication_for_a_checkpoint_trained_without_context_is_a_400(server, phantom_dir):
     port, _, _ = server
     with open(phantom_images(phantom_dir)[0], 'rb') as f:
-        body = f.read()
-    plain = call(port, 'POST', '/api/report', body)[2]
-    status, _, r = call(port, 'POST', '/api/report?indication=Chest%20pain.', body)
-    assert status == 200 and r['report'] == plain['report'] and r['indication'] is None
-    assert 'without clinical context' in r['warning'] and 'report_without_indication' not in r
+        status, _, r = call(port, 'POST', '/api/report?indication=Chest%20pain.', f.read())
+    assert status == 400 and 'trained without clinical context' in r['error']
+    assert_alive(port)
 
 
 def test_two_requests_at_once_both_succeed(server, phantom_dir):
@@ -301,41 +300,48 @@ def test_a_missing_checkpoint_is_named(tmp_path):
         demo.Demo(str(tmp_path / 'no-run'))
 
 
-def test_a_context_checkpoint_writes_the_report_with_and_without_the_indication(server, phantom_dir, monkeypatch):
-    """The plumbing of the context path, with data's prompt_batch and decode_reports stood in
-    for (their interface: left-padded prompts and a mask; reports without the indication)."""
-    _, d, _ = server
-    d = copy.copy(d)
-    d.context = True
-    prompts = []
+@pytest.fixture(scope='module')
+def context_server(phantom_dir, tmp_path_factory):
+    """(port, Demo) of a 4-iteration run trained with the indication as context, findings only."""
+    out = str(tmp_path_factory.mktemp('runs') / 'context')
+    code, printed = train_in_process(phantom_dir, out, context=True, context_dropout=0.5, target='findings',
+                                     max_iters=4)
+    assert code == 0, printed[-2000:]
+    d = demo.Demo(out, 'cpu', generation=dict(SETTINGS, min_length=1), n_examples=2)
+    srv = demo.make_server(d, '127.0.0.1', 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv.server_address[1], d
+    srv.shutdown()
+    srv.server_close()
+    thread.join(10)
 
-    def prompt_batch(tok, prompt, indications):
-        prompts.append(list(indications))
-        rows = [data.prompt_ids(tok, (f'Indication: {t}. ' if t else '') + prompt) for t in indications]
-        P = max(map(len, rows))
-        ids = torch.tensor([[tok.pad_token_id] * (P - len(r)) + r for r in rows])
-        return ids, torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
 
-    def generate(images, ids, visual_tokens=None, prompt_mask=None, **settings):
-        assert images is None and visual_tokens.shape[0] == ids.shape[0] == prompt_mask.shape[0]
-        assert settings == d.generation
-        return torch.cat([ids, torch.full((ids.shape[0], 3), 7)], 1)
-
-    def decode_reports(tok, ids, n_prompt, prompt):
-        return [f'{prompt} report {i} ({len(row) - n_prompt} new tokens)' for i, row in enumerate(ids.tolist())]
-
-    monkeypatch.setattr(data, 'prompt_batch', prompt_batch, raising=False)
-    monkeypatch.setattr(data, 'decode_reports', decode_reports, raising=False)
-    monkeypatch.setattr(d.model, 'generate', generate)
-    with open(phantom_images(phantom_dir)[0], 'rb') as f:
+def test_a_context_checkpoint_writes_the_report_with_and_without_the_indication(context_server, phantom_dir):
+    port, d = context_server
+    info = call(port, 'GET', '/api/info')[2]
+    assert info['context'] is True and info['examples'][0]['indication']
+    path = phantom_images(phantom_dir)[0]
+    with open(path, 'rb') as f:
         body = f.read()
-    r = d.report(body, 'Chest pain')
-    assert prompts == [['Chest pain', '']]
-    assert r['indication'] == 'Chest pain' and r['context'] is True and 'warning' not in r
-    assert (r['report'], r['report_without_indication']) == ('Findings: report 0 (3 new tokens)',
-                                                             'Findings: report 1 (3 new tokens)')
-    r = d.report(body, '')
-    assert prompts[-1] == [''] and r['indication'] is None and 'report_without_indication' not in r
+    status, _, r = call(port, 'POST', '/api/report?indication=Pacemaker%20check', body)
+    assert status == 200 and r['context'] is True and r['indication'] == 'Pacemaker check'
+    # each report is what the model writes from its own prompt alone (the one without the
+    # indication was left-padded in the batch: its length budget is shorter by the padding)
+    x = d.transform(data.load_image(path))[None]
+    with torch.no_grad():
+        visual_tokens = d.model.encode(x)['visual_tokens']
+    P = len(data.prompt_ids(d.tok, 'Findings:', 'Pacemaker check'))
+    for indication, report in (('Pacemaker check', r['report']), ('', r['report_without_indication'])):
+        ids = torch.tensor(data.prompt_ids(d.tok, 'Findings:', indication))
+        settings = dict(d.generation, max_length=d.generation['max_length'] - (P - len(ids)))
+        alone = d.model.generate(None, ids, visual_tokens=visual_tokens, **settings)
+        assert report == data.decode_reports(d.tok, alone, len(ids), 'Findings:')[0]
+        assert report.startswith('Findings:') and 'Indication' not in report and 'Pacemaker' not in report
+    assert r['report'] != r['report_without_indication']  # the indication reached the decoder
+    plain = call(port, 'POST', '/api/report', body)[2]
+    assert 'report_without_indication' not in plain and plain['indication'] is None
+    assert plain['probabilities'] == r['probabilities']  # the image side ignores the context
 
 
 def test_examples_from_a_directory_are_its_readable_png_and_jpeg_files(phantom_dir, tmp_path, capsys):
