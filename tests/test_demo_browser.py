@@ -1,8 +1,9 @@
 """demo.py's page in a real browser: headless Chromium (Debian's chromium and chromium-driver)
 driven by selenium uploads an X-ray through the file input, sees the report, the 14 sorted
 bars with the threshold line and the attention image, shows a bad upload's error, runs an
-example, and saves a screenshot. Skipped where Chromium is absent, except in CI (.ci/run
-installs it), where its absence fails."""
+example, saves a screenshot; and for a checkpoint trained with clinical context, the reports
+with and without the indication side by side. Skipped where Chromium is absent, except in CI
+(.ci/run installs it), where its absence fails."""
 import importlib.util
 import os
 import threading
@@ -12,6 +13,7 @@ import pytest
 import data
 import demo
 from chexpert import CONDITIONS
+from conftest import train_in_process
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
@@ -31,7 +33,11 @@ def need_a_browser():
 @pytest.fixture(scope='module')
 def url(tiny_run):
     need_a_browser()
-    d = demo.Demo(tiny_run, 'cpu', generation=dict(num_beams=1, max_length=40, min_length=5), n_examples=3)
+    yield from serve(tiny_run)
+
+
+def serve(run):
+    d = demo.Demo(run, 'cpu', generation=dict(num_beams=1, max_length=40, min_length=5), n_examples=3)
     srv = demo.make_server(d, '127.0.0.1', 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -113,3 +119,34 @@ def test_a_bad_upload_shows_the_servers_message_and_an_example_still_runs(browse
     wait(browser, lambda d: not by_id(d, 'error').is_displayed() and 'example 1' in by_id(d, 'image-name').text
          and report_shown(d), "example 1's report")
     assert "phantom's own report" in by_id(browser, 'reports').text
+
+
+@pytest.fixture(scope='module')
+def context_url(phantom_dir, tmp_path_factory):
+    """The page of a 4-iteration run trained with the indication as context."""
+    need_a_browser()
+    out = str(tmp_path_factory.mktemp('runs') / 'context')
+    code, printed = train_in_process(phantom_dir, out, context=True, context_dropout=0.5, max_iters=4)
+    assert code == 0, printed[-2000:]
+    yield from serve(out)
+
+
+def test_a_context_checkpoint_shows_the_reports_with_and_without_the_indication(browser, context_url):
+    from selenium.webdriver.common.by import By
+    browser.get(context_url)
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, '#examples img')) == 3, 'the examples')
+    assert by_id(browser, 'indication-box').is_displayed()
+    assert 'with the indication as context' in by_id(browser, 'checkpoint').text
+    browser.find_elements(By.CSS_SELECTOR, '#examples img')[0].click()
+    wait(browser, report_shown, 'the reports')
+    indication = by_id(browser, 'indication').get_attribute('value')
+    assert indication  # the example's own indication, filled in
+    titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, '#reports h3')]
+    assert titles[:2] == [f'with the indication "{indication}"', 'without it']
+    by_id(browser, 'indication').clear()
+    by_id(browser, 'indication').send_keys('Trauma, rib pain.')
+    by_id(browser, 'again').click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#reports h3')[0].text
+         == 'with the indication "Trauma, rib pain."', 'the reports with the new indication')
+    texts = [t.text for t in browser.find_elements(By.CSS_SELECTOR, '#reports .report div')]
+    assert all(t.startswith('Findings:') and 'Indication' not in t and 'rib pain' not in t for t in texts[:2])
