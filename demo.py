@@ -44,7 +44,7 @@ ckpt = ''                     # a specific checkpoint file instead of out_dir/ck
 host = '127.0.0.1'            # another address serves everyone who can reach it, and there is no authentication
 port = 8000                   # 0: any free port (the URL is printed)
 examples = ''                 # a directory of PNG/JPEG examples; '': a phantom-trained run's own test images
-n_examples = 6
+n_examples = 10
 threshold = 0.5               # aux-head probability above which a condition is called present
 max_upload_mb = 20            # a larger request body is refused before it is read
 max_pixels = 6000 * 6000      # a larger image is refused from its header, before it is decoded
@@ -134,7 +134,7 @@ class Demo:
     """The model, loaded once, and what a request runs through it."""
 
     def __init__(self, path, dev='cpu', dtype='auto', cpu_kernels=True, generation=None, threshold=0.5,
-                 examples_dir='', n_examples=6):
+                 examples_dir='', n_examples=10):
         self.model, meta = load_checkpoint(path, dev, merge_lora=True)
         if dev == 'cpu' and cpu_kernels:
             hardware.use_cpu_kernels(self.model)
