@@ -249,10 +249,13 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(404, f"nothing at {url.path[:200]!r}: the page is at /, the API at POST /api/report")
 
     def post(self, url):
+        # the body first: a connection closed on unread bytes is reset, and the client may lose
+        # the error it was sent (only a body over the limit is never read)
+        body = self.body()
         if url.path != '/api/report':
             raise RequestError(404, f"nothing to POST to at {url.path[:200]!r}: the API is POST /api/report")
         indication, attention = self.params(url.query)
-        self.send_json(200, self.demo.report(self.body(), indication, attention))
+        self.send_json(200, self.demo.report(body, indication, attention))
 
     def params(self, query):
         """(indication, attention) from the query string; anything else is an error."""

@@ -289,6 +289,17 @@ def test_a_malformed_request_is_a_4xx_json_error(server, request_bytes, status, 
     assert_alive(port)
 
 
+def test_an_error_about_a_large_upload_reaches_the_client(server):
+    """The body is read before the request is judged: closing on 3 MB of unread bytes reset the
+    connection, and http.client lost the 400 to a broken pipe (4 times in 10 before)."""
+    port, _, _ = server
+    body = os.urandom(3 * 2**20)
+    for path, status in [('/api/report?colour=red', 400), ('/elsewhere', 404)] * 3:
+        got, _, r = call(port, 'POST', path, body)
+        assert got == status and 'error' in r
+    assert_alive(port)
+
+
 # --- command line and clinical context -------------------------------------------------
 def test_only_a_non_local_host_is_warned_about():
     assert all(demo.host_warning(h) is None for h in demo.LOCAL_HOSTS)
