@@ -27,6 +27,7 @@ binarize() turns the four states into training targets; make_labeler() returns t
 labeler or, given its checkpoint, CheXbert.
 """
 import csv
+import json
 import re
 import sys
 
@@ -41,6 +42,56 @@ CONDITIONS = (
 COMMON5 = ('Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Pleural Effusion')
 # One anatomical query per region, in this order.
 REGIONS = ('cardiac', 'left lung', 'right lung', 'mediastinum', 'diaphragm', 'spine')
+# The anatomical attention priors' atlas: one box [x0, y0, x1, y1] per region in image fractions
+# (x to the image's right, y down; 'left lung' is the patient's left, on the image's right).
+# Measured on the phantom train split (phantom.regions of its 3,000 cases, seed 1337): per region,
+# the 5% quantile of x0 and y0 and the 95% quantile of x1 and y1, rounded outward to 0.01. A
+# covering box, because the strict prior hides everything outside it: it holds over 99% of a
+# region's box on average (80% or more in every image), the whole box in 87-91% of the images.
+# Real data: an atlas file (read_atlas).
+ATLAS = {
+    'cardiac': [0.34, 0.34, 0.78, 0.80],
+    'left lung': [0.51, 0.11, 0.90, 0.83],
+    'right lung': [0.10, 0.11, 0.49, 0.81],
+    'mediastinum': [0.36, 0.11, 0.64, 0.45],
+    'diaphragm': [0.10, 0.60, 0.90, 0.87],
+    'spine': [0.42, 0.01, 0.58, 0.93],
+}
+
+
+def check_atlas(atlas, source='the atlas'):
+    """{region: [x0, y0, x1, y1]} in REGIONS order, or a ValueError naming source and region."""
+    if not isinstance(atlas, dict):
+        raise ValueError(f"{source}: an atlas is a JSON object {{region: [x0, y0, x1, y1]}}, "
+                         f"got {type(atlas).__name__}")
+    unknown = [r for r in atlas if r not in REGIONS]
+    if unknown:
+        raise ValueError(f"{source}: unknown region(s) {unknown}; the regions are {list(REGIONS)}")
+    out = {}
+    for r in REGIONS:
+        box = atlas.get(r)
+        if box is None:
+            raise ValueError(f"{source}: region '{r}' is missing; every one of {list(REGIONS)} needs a box")
+        if not (isinstance(box, (list, tuple)) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise ValueError(f"{source}: region '{r}' needs 4 numbers [x0, y0, x1, y1], got {box!r}")
+        if not all(0 <= v <= 1 for v in box):  # NaN fails this too
+            raise ValueError(f"{source}: region '{r}' box {box} is outside [0, 1] (fractions of the image)")
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(f"{source}: region '{r}' box {box} is in the wrong order: need x0 < x1 and y0 < y1")
+        out[r] = [float(v) for v in box]
+    return out
+
+
+def read_atlas(path):
+    """A checked atlas from a JSON file {region: [x0, y0, x1, y1]} (image fractions)."""
+    with open(path) as f:  # a missing file: FileNotFoundError names it
+        try:
+            atlas = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"atlas file {path} is not JSON ({e})") from None
+    return check_atlas(atlas, f"atlas file {path}")
+
 
 # -----------------------------------------------------------------------------
 reports = ''                  # the CLI: IU X-ray's indiana_reports.csv

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from chexpert import CONDITIONS
+from chexpert import ATLAS, CONDITIONS, REGIONS, check_atlas
 
 
 # Backbone configs at the real sizes, for building them with random weights
@@ -68,6 +68,10 @@ class CheXQueryConfig:
     # fusion, pooling, auxiliary head
     n_pool_queries: int = 10
     learned_gate: bool = True     # False: a fixed 0.5 mix of global token and queries (an ablation)
+    # the anatomical queries' cross-attention: 'none', 'soft' (log of a spatial prior added to
+    # the logits) or 'strict' (no attention outside the region); atlas None: chexpert.ATLAS
+    anatomical_prior: str = 'none'
+    atlas: dict = None
     aux_hidden: int = 384
     aux_dropout: float = 0.2
     # LoRA
@@ -86,6 +90,14 @@ class CheXQueryConfig:
                              f"condition), got {self.n_condition_queries}")
         self.vision_lora_targets = tuple(self.vision_lora_targets)
         self.text_lora_targets = tuple(self.text_lora_targets)
+        if self.anatomical_prior not in ('none', 'soft', 'strict'):
+            raise ValueError(f"anatomical_prior must be 'none', 'soft' or 'strict', got {self.anatomical_prior!r}")
+        if self.anatomical_prior != 'none' and self.n_anatomical_queries != len(REGIONS):
+            raise ValueError(f"anatomical_prior={self.anatomical_prior!r} needs one anatomical query per region "
+                             f"(n_anatomical_queries={len(REGIONS)}), got {self.n_anatomical_queries}")
+        if self.anatomical_prior != 'none' or self.atlas is not None:
+            # the boxes themselves, not None, so a checkpoint keeps the atlas it was trained with
+            self.atlas = check_atlas(ATLAS if self.atlas is None else self.atlas, 'CheXQueryConfig.atlas')
 
     @property
     def n_queries(self):
@@ -192,18 +204,24 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.dropout = dropout
 
-    def forward(self, x, context, return_attention=False):
+    def forward(self, x, context, return_attention=False, bias=None):
+        """bias: None or (Q, N) added to every head's logits (-inf: no attention)."""
         B, Q, D = x.shape
         N, H = context.shape[1], self.n_heads
         q = self.q(x).view(B, Q, H, D // H).transpose(1, 2)        # (B, H, Q, D/H)
         k = self.k(context).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
         v = self.v(context).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
         p = self.dropout if self.training else 0.0
+        if bias is not None:
+            bias = bias.to(q.dtype)  # SDPA wants a float mask in the queries' dtype (bf16 under autocast)
         if return_attention:  # the explicit path, only to show the maps
-            weights = (q @ k.transpose(-2, -1) / math.sqrt(D // H)).softmax(-1)  # (B, H, Q, N)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)    # (B, H, Q, N)
+            if bias is not None:
+                scores = scores + bias
+            weights = scores.softmax(-1)                             # (B, H, Q, N)
             out = F.dropout(weights, p) @ v
         else:
-            weights, out = None, F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            weights, out = None, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         out = self.o(out.transpose(1, 2).reshape(B, Q, D))          # (B, Q, D)
         return out, weights
 
@@ -219,11 +237,42 @@ class CrossAttentionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, queries, patches, return_attention=False):
-        a, weights = self.attn(queries, patches, return_attention)
+    def forward(self, queries, patches, return_attention=False, bias=None):
+        a, weights = self.attn(queries, patches, return_attention, bias)
         x = self.norm1(queries + self.drop(a))           # (B, 20, D)
         x = self.norm2(x + self.drop(self.ffn(x)))       # (B, 20, D)
         return x, weights
+
+
+# The soft prior's fall-off outside a region's box (image fractions), from the first
+# cross-attention layer's (broad: a patch 0.2 outside keeps 61% of the inside weight)
+# to the last one's (sharp: 0.1 outside keeps 14%), geometric in between.
+PRIOR_SIGMAS = (0.2, 0.05)
+
+
+def anatomical_prior_bias(cfg, patch_size):
+    """(n_cross_layers, n_queries, N) attention logit biases over a row-major patch grid.
+    Condition queries' rows are 0. 'soft': an anatomical query's row is log p, with p 1
+    inside its atlas box and exp(-d^2 / 2 sigma^2) at distance d from it, normalized to sum 1.
+    'strict': 0 on the patches whose centre is in the box, -inf elsewhere; a box between
+    patch centres (the spine on an 8 x 8 grid) keeps the nearest patches instead."""
+    g, L, C = cfg.image_size // patch_size, cfg.n_cross_layers, len(CONDITIONS)
+    c = (torch.arange(g, dtype=torch.float64) + 0.5) / g                      # patch centres (g,)
+    box = torch.tensor([cfg.atlas[r] for r in REGIONS], dtype=torch.float64)  # (6, 4)
+    dx = torch.maximum(box[:, 0:1] - c, c - box[:, 2:3]).clamp(min=0)         # (6, g)
+    dy = torch.maximum(box[:, 1:2] - c, c - box[:, 3:4]).clamp(min=0)         # (6, g)
+    d = torch.hypot(dy[:, :, None], dx[:, None, :]).flatten(1)                # (6, N), row y, column x
+    bias = torch.zeros(L, cfg.n_queries, g * g, dtype=torch.float64)
+    for layer in range(L):
+        if cfg.anatomical_prior == 'strict':
+            outside = d > d.min(1, keepdim=True).values + 1e-9               # d is 0 inside; else the nearest
+            bias[layer, C:] = torch.zeros_like(d).masked_fill(outside, -math.inf)
+        else:
+            hi, lo = PRIOR_SIGMAS
+            sigma = hi * (lo / hi) ** (layer / max(L - 1, 1))
+            logit = -d ** 2 / (2 * sigma ** 2)
+            bias[layer, C:] = logit - logit.logsumexp(1, keepdim=True)        # log p, sum p = 1
+    return bias.float()
 
 
 # -----------------------------------------------------------------------------
@@ -328,6 +377,9 @@ class CheXQuery(nn.Module):
         self.anatomical_queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(A, D)))  # (6, D)
         self.cross_attention = nn.ModuleList(
             CrossAttentionLayer(D, cfg.n_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.n_cross_layers))
+        # not persistent: built from the config, so checkpoints keep their keys and shapes
+        self.register_buffer('attention_prior', None if cfg.anatomical_prior == 'none' else
+                             anatomical_prior_bias(cfg, self.vision.config.patch_size), persistent=False)
         self.fusion = GatedFusion(D, cfg.n_pool_queries, cfg.n_heads, cfg.dropout, cfg.learned_gate)
         self.aux_head = AuxHead(D, cfg.aux_hidden, cfg.aux_dropout)
         self.t5 = build_decoder(cfg)
@@ -391,14 +443,14 @@ class CheXQuery(nn.Module):
     def encode(self, images=None, features=None, return_attention=False):
         """Images (or cached vision features) -> visual tokens (B, 11, d_model),
         condition logits (B, 14), gate (B, 1) and, when asked, the last layer's
-        attention maps (B, 20, N) averaged over heads."""
+        attention maps (B, 20, N) averaged over heads, the anatomical prior's bias included."""
         global_token, patches = features if features is not None else self.vision_features(images)
         B = patches.shape[0]
         queries = torch.cat([self.condition_queries, self.anatomical_queries])[None].expand(B, -1, -1)  # (B, 20, D)
         queries = queries.to(patches.dtype)
-        attention = None
-        for layer in self.cross_attention:
-            queries, attention = layer(queries, patches, return_attention)   # (B, 20, D)
+        attention, prior = None, self.attention_prior                         # (layers, 20, N) or None
+        for i, layer in enumerate(self.cross_attention):
+            queries, attention = layer(queries, patches, return_attention, None if prior is None else prior[i])
         cond_logits = self.aux_head(queries[:, :len(CONDITIONS)])            # (B, 14)
         visual_tokens, gate = self.fusion(global_token, queries)             # (B, 11, D), (B, 1)
         out = dict(visual_tokens=self.proj(visual_tokens), cond_logits=cond_logits, gate=gate)

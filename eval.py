@@ -13,7 +13,8 @@ It reports:
   punctuation-split text): BLEU-1..4, METEOR 1.5 (its Java jar; marked unavailable without
   Java, never replaced), ROUGE-L and CIDEr-D, so numbers compare with published tables;
 - clinical efficacy: the labeler on hypothesis and reference, P/R/F1 per condition,
-  micro and macro over the 14 and over the 5 common conditions;
+  micro and macro over the 14 and over the 5 common conditions, and example-based (per
+  report, then averaged), headed by the labeler and the uncertain policy;
 - the aux head's ROC-AUC per condition (and a ROC PNG); BERTScore with a local model;
 - per condition, the reports' clinical F1 (model and retrieval) beside the aux head's AUC:
   a condition the queries know (high AUC) that the decoder does not write (low F1) shows;
@@ -242,6 +243,28 @@ def condition_table(metrics):
     return lines
 
 
+def clinical_table(metrics):
+    """Clinical efficacy in the usual definitions, per system: micro P/R/F1 over the 14 conditions,
+    macro F1 over the 14, micro and macro F1 over the 5 common ones, example-based P/R/F1; headed by
+    the labeler and the uncertain policy the labels were made with."""
+    model = metrics['systems']['model']['clinical']
+    lines = [f"clinical efficacy: labels from the {metrics['labeler']} labeler on reference and report, "
+             f"{model['uncertain_policy']} (blank and negative: 0)"]
+    if 'positive' in model['uncertain_policy']:
+        lines.append("(R2Gen-family papers count uncertain as negative: --uncertain=negative for their convention)")
+    ex = model.get('example', {})
+    lines += [f"example-based: per report over its positive labels, then the mean over the {ex.get('reports', 0)} "
+              f"reports; {ex.get('no_positives', 0)} with no positive label on either side count as 0",
+              f"{'system':<28}" + ''.join(f"{c:>9}" for c in ('P mic14', 'R mic14', 'F1 mic14', 'F1 mac14', 'F1 mic5',
+                                                                 'F1 mac5', 'P ex', 'R ex', 'F1 ex'))]
+    for name, m in metrics['systems'].items():
+        c, e = m['clinical'], m['clinical'].get('example', {})
+        values = (c['micro14']['precision'], c['micro14']['recall'], c['micro14']['f1'], c['macro14']['f1'],
+                  c['micro5']['f1'], c['macro5']['f1'], e.get('precision'), e.get('recall'), e.get('f1'))
+        lines.append(f"{name:<28}" + ''.join(f"{fmt(v):>9}" for v in values))
+    return lines
+
+
 def grounding_table(g):
     lines = ["grounding of the anatomical queries: the share of the attention inside the region's box, beside the",
              "box's share of the image (uniform attention); pointing: how often the attention peak touches the box,",
@@ -283,6 +306,7 @@ def table(metrics):
         lines.append(f"METEOR 1.5 unavailable: {model['coco']['meteor_unavailable']}")
     if 'bertscore_f1' in model:
         lines.append(f"BERTScore F1: {model['bertscore_f1']:.4f}")
+    lines += [''] + clinical_table(metrics)
     lines += [''] + condition_table(metrics)
     if 'aux_auc' in metrics:
         lines.append(f"aux head ROC-AUC mean {metrics['aux_auc']['mean']:.4f}")

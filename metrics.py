@@ -6,7 +6,8 @@ The scores of generated reports, as pure functions of their inputs: no config, n
   CIDEr-D (re-implemented; the tests check them against pycocoevalcap) and its METEOR 1.5
   (the Java jar itself, when Java is there; never replaced by another METEOR);
 - clinical efficacy: P/R/F1 per condition, micro and macro over the 14 and the 5 common
-  conditions, from labels a labeler gave the reference and the hypothesis;
+  conditions, and example-based (per report, then averaged), from labels a labeler gave the
+  reference and the hypothesis;
 - the aux head's ROC-AUC per condition;
 - grounding: where each anatomical query's attention falls against its region's box.
 """
@@ -315,6 +316,23 @@ def clinical_scores(true, pred):
     return out
 
 
+def example_scores(true, pred):
+    """Example-based P/R/F1 from binary (N, 14) arrays: per report, precision, recall and F1 over
+    its positive labels (F1 = 2 tp / (2 tp + fp + fn)), then the mean over all N reports, as the
+    papers that report 'example-based' clinical efficacy compute it (CvT2DistilGPT2's CheXbert
+    metrics and those following it; sklearn's average='samples' with zero_division=0). A report
+    with no positive label in either reference or hypothesis has 0/0 for all three: it counts as 0
+    and stays in the mean; `no_positives` says how many there were."""
+    true, pred = np.asarray(true, bool), np.asarray(pred, bool)
+    tp, fp, fn = (true & pred).sum(1), (~true & pred).sum(1), (true & ~pred).sum(1)
+
+    def ratio(a, b):  # 0/0 -> 0
+        return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
+    return dict(precision=float(ratio(tp, tp + fp).mean()), recall=float(ratio(tp, tp + fn).mean()),
+                f1=float(ratio(2 * tp, 2 * tp + fp + fn).mean()), reports=len(true),
+                no_positives=int((tp + fp + fn == 0).sum()))
+
+
 def clinical_metrics(refs, hyps, label, uncertain='positive'):
     """Clinical efficacy: `label` (a labeler: list of texts -> 14-lists of 1/0/-1/None) on
     both sides, uncertain counted as `uncertain`, on the same pairs as nlg_metrics: clipped,
@@ -327,7 +345,8 @@ def clinical_metrics(refs, hyps, label, uncertain='positive'):
     pred = [[0.0] * len(CONDITIONS) for _ in hyps]
     for i, x in zip(said, label([hyps[i] for i in said])):
         pred[i] = binarize(x, uncertain)
-    return dict(clinical_scores(np.reshape(true, (-1, len(CONDITIONS))), np.reshape(pred, (-1, len(CONDITIONS)))),
+    true, pred = np.reshape(true, (-1, len(CONDITIONS))), np.reshape(pred, (-1, len(CONDITIONS)))
+    return dict(clinical_scores(true, pred), example=example_scores(true, pred),
                 uncertain_policy=f"uncertain counted as {uncertain}")
 
 

@@ -62,6 +62,8 @@ text_model = 'google/flan-t5-base'
 query_init = 'dmis-lab/biobert-v1.1'  # or 'random' (Xavier), the ablation of name-initialized queries
 n_anatomical_queries = 6      # 0: condition queries only (an ablation)
 learned_gate = True           # False: a fixed 0.5 mix of global token and queries (an ablation)
+anatomical_prior = 'none'     # the anatomical queries' cross-attention: 'none', 'soft' or 'strict'
+anatomical_atlas = ''         # a JSON file {region: [x0, y0, x1, y1]} (image fractions); '': chexpert.ATLAS (phantom)
 image_size = 384
 full_backbones = False        # train whole backbones, not just LoRA: only for random ones (phantom)
 # optimization
@@ -96,6 +98,7 @@ config = configure(globals(), sys.argv[1:])
 
 import data  # noqa: E402
 import hardware  # noqa: E402
+from chexpert import read_atlas  # noqa: E402
 from chexquery import CheXQuery, CheXQueryConfig, load_weights, read_checkpoint, save_checkpoint, tiny_config  # noqa: E402
 from metrics import auc_per_condition, clinical_scores  # noqa: E402
 
@@ -117,6 +120,9 @@ if lambda_gen == lambda_aux == 0:
     raise ValueError("lambda_gen and lambda_aux are both 0: there would be no loss to train on")
 if model_size not in ('base', 'tiny'):
     raise ValueError(f"model_size must be 'base' or 'tiny', got {model_size!r}")
+if anatomical_prior not in ('none', 'soft', 'strict'):
+    raise ValueError(f"anatomical_prior must be 'none', 'soft' or 'strict', got {anatomical_prior!r}")
+atlas = read_atlas(anatomical_atlas) if anatomical_atlas and init_from == 'scratch' else None  # a bad file fails now
 
 # distributed setup -------------------------------------------------------------
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -160,13 +166,16 @@ tensors, init_meta = read_checkpoint(init_path) if init_from != 'scratch' else (
 if init_meta is not None:
     model_cfg = CheXQueryConfig(**dict(init_meta['model_config'], query_init='random'))
     # the checkpoint's architecture wins over the config's; the data and the tokenizer follow it
-    own = dict(model_size='tiny' if model_cfg.text_config is not None else 'base', image_size=model_cfg.image_size)
+    own = dict(model_size='tiny' if model_cfg.text_config is not None else 'base', image_size=model_cfg.image_size,
+               anatomical_prior=model_cfg.anatomical_prior)
     if own['model_size'] == 'base':
         own.update(vision_model=model_cfg.vision_model, text_model=model_cfg.text_model)
     for key, value in own.items():
         if config[key] != value:
             log(f"{key}={value!r} from {init_path} (init_from wins over the configured {config[key]!r})")
             globals()[key] = config[key] = value
+    if anatomical_atlas:
+        log(f"anatomical_atlas={anatomical_atlas!r} is not used: {init_path} brings its own atlas")
 if init_from == 'resume':
     # the data position and the optimizer's state mean something only for the same run
     was = dict(init_meta['config'], world_size=init_meta.get('world_size'),
@@ -197,7 +206,8 @@ tok = data.run_tokenizer(config)
 
 # model -----------------------------------------------------------------------------
 if init_meta is None:
-    variant = dict(n_anatomical_queries=n_anatomical_queries, learned_gate=learned_gate)
+    variant = dict(n_anatomical_queries=n_anatomical_queries, learned_gate=learned_gate,
+                   anatomical_prior=anatomical_prior, atlas=atlas)
     if model_size == 'tiny':
         model_cfg = tiny_config(vocab_size=len(tok), image_size=image_size, **variant)
     else:

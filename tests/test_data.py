@@ -123,7 +123,8 @@ def mimic_fixture(root):
     for p, s, _, _ in studies:
         rep = root / 'mimic-cxr-reports' / 'files' / f'p{p[:2]}' / f'p{p}'
         rep.mkdir(parents=True, exist_ok=True)
-        text = ('EXAMINATION: CHEST\n\nFINDINGS:\n Enlarged heart.\n No effusion.\n\nIMPRESSION: \n Cardiomegaly.\n'
+        text = ('EXAMINATION: CHEST\n\nINDICATION: ___F with\n  shortness of breath.\n\n'
+                'FINDINGS:\n Enlarged heart.\n No effusion.\n\nIMPRESSION: \n Cardiomegaly.\n'
                 if s != '120' else 'WET READ: none\n')
         (rep / f's{s}.txt').write_text(text)
         img = root / 'files' / f'p{p[:2]}' / f'p{p}' / f's{s}'
@@ -146,8 +147,26 @@ def test_prepare_mimic_fixture(tmp_path):
     assert val['report'] == 'Findings: Enlarged heart. No effusion. | Impression: Cardiomegaly.'
     assert val['labels'][CONDITIONS.index('Cardiomegaly')] == 1 and val['labels'][CONDITIONS.index('Edema')] == -1
     assert val['labels'][CONDITIONS.index('Pneumonia')] is None
+    assert val['indication'] == '___F with shortness of breath.'  # the report's INDICATION, cleaned
     with Image.open(out / val['image']) as im:
         assert im.size == (round(1000 * 448 / 900), 448)
+
+
+@pytest.mark.parametrize('report, want', [
+    # (findings, impression, indication): the first non-empty of INDICATION, HISTORY, REASON FOR EXAMINATION
+    ('INDICATION:  ___M with cough,\n  fever.\nFINDINGS: Clear.\nIMPRESSION: Normal.',
+     ('Clear.', 'Normal.', '___M with cough, fever.')),
+    ('HISTORY: Fall.\nINDICATION: Rib pain.\nFINDINGS: No fracture.', ('No fracture.', '', 'Rib pain.')),
+    ('INDICATION:\n\nHISTORY: Fall.\n\nFINDINGS: No fracture.', ('No fracture.', '', 'Fall.')),  # empty: the next
+    ('REASON FOR EXAMINATION: Evaluate for pneumonia.\nHISTORY:  \nIMPRESSION: No pneumonia.',
+     ('', 'No pneumonia.', 'Evaluate for pneumonia.')),
+    ('                FINAL REPORT\n EXAMINATION: CHEST PA AND LAT\n TECHNIQUE: two views\n FINDINGS: Clear.',
+     ('Clear.', '', '')),                                                   # none of the three: empty
+    ('CLINICAL HISTORY: Cough.\nFINDINGS: Clear.', ('Clear.', '', '')),   # not one of the three headers
+    ('', ('', '', '')),
+])
+def test_mimic_report_sections_and_indication(report, want):
+    assert data.report_sections(report) == want
 
 
 # --- bad tables -----------------------------------------------------------------------

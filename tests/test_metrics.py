@@ -1,6 +1,6 @@
 """metrics.py: normalization and clipping, the text metrics against hand-worked cases and
-against pycocoevalcap, empty hypotheses and references, clinical F1 on crafted pairs, AUC,
-grounding (share and pointing) and BERTScore."""
+against pycocoevalcap, empty hypotheses and references, clinical F1 on crafted pairs (micro, macro,
+example-based) and eval.py's clinical-efficacy block, AUC, grounding (share and pointing) and BERTScore."""
 import math
 import shutil
 
@@ -161,6 +161,24 @@ def test_clinical_scores_on_crafted_labels():
     assert s['macro14']['f1'] == pytest.approx((2 / 3) / 14)
 
 
+def test_example_based_scores_by_hand():
+    """Per report, then the mean over all of them; a report with no positive on either side counts as 0."""
+    E, C, A = (CONDITIONS.index(c) for c in ('Pleural Effusion', 'Cardiomegaly', 'Atelectasis'))
+    true, pred = np.zeros((5, 14)), np.zeros((5, 14))
+    true[0, [E, C]], pred[0, E] = 1, 1       # P 1, R 1/2, F1 2/3
+    true[1, E], pred[1, [E, C, A]] = 1, 1    # P 1/3, R 1, F1 1/2
+    # report 2: nothing on either side: 0, 0, 0
+    true[3, E], pred[3, C] = 1, 1            # all wrong: 0, 0, 0
+    pred[4, A] = 1                           # P 0/1, R 0/0: 0, 0, 0
+    s = metrics.example_scores(true, pred)
+    assert s == pytest.approx(dict(precision=(1 + 1 / 3) / 5, recall=1.5 / 5, f1=(2 / 3 + 1 / 2) / 5, reports=5,
+                                   no_positives=1))
+    assert metrics.example_scores(true[[0, 1]], pred[[0, 1]])['f1'] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # a perfect report scores 1, but the references without a positive (2, 4) still count as 0
+    assert metrics.example_scores(true, true) == pytest.approx(dict(precision=3 / 5, recall=3 / 5, f1=3 / 5, reports=5,
+                                                                    no_positives=2))
+
+
 def test_clinical_metrics_run_the_labeler_on_both_sides():
     from chexpert import make_labeler
     refs = ['Small left pleural effusion. Heart size is normal.', 'Moderate cardiomegaly.']
@@ -168,6 +186,8 @@ def test_clinical_metrics_run_the_labeler_on_both_sides():
     m = metrics.clinical_metrics(refs, hyps, make_labeler())
     assert m['Pleural Effusion']['f1'] == 1 and m['Cardiomegaly']['recall'] == 0
     assert 'uncertain counted as positive' in m['uncertain_policy']
+    # example-based: the first report all right (1), the second states no cardiomegaly, only No Finding (0)
+    assert m['example'] == pytest.approx(dict(precision=0.5, recall=0.5, f1=0.5, reports=2, no_positives=0))
 
 
 def test_clinical_metrics_empty_hypothesis_states_nothing_and_empty_reference_is_skipped():
@@ -239,3 +259,20 @@ def test_bertscore_with_a_tiny_local_model(tmp_path):
     assert same == pytest.approx(1.0, abs=1e-5) and other < same
     half = metrics.bertscore(['the heart is normal'] * 2, ['the heart is normal', ''], str(tmp_path / 'm'))
     assert half == pytest.approx(0.5, abs=1e-5)
+
+
+def test_eval_prints_clinical_efficacy_with_every_definition_the_labeler_and_the_policy():
+    import eval as ev
+    effusion, clear = 'Findings: Small left pleural effusion. | Impression: Effusion.', 'Findings: Lungs are clear.'
+    records = [dict(id=str(i), reference=effusion, hypothesis=effusion if i % 2 else clear) for i in range(6)]
+    m = ev.score(records, uncertain='negative')
+    c = m['systems']['model']['clinical']
+    lines = ev.clinical_table(m)
+    row = next(line for line in lines if line.startswith('model')).split()[1:]
+    want = (c['micro14']['precision'], c['micro14']['recall'], c['micro14']['f1'], c['macro14']['f1'],
+            c['micro5']['f1'], c['macro5']['f1'], c['example']['precision'], c['example']['recall'], c['example']['f1'])
+    assert [float(x) for x in row] == [pytest.approx(v, abs=5e-5) for v in want]
+    assert c['example']['f1'] == pytest.approx(0.5) and c['example']['reports'] == 6  # half the reports right
+    header = '\n'.join(lines[:3])
+    assert m['labeler'] in header and c['uncertain_policy'] in header and 'negative' in c['uncertain_policy']
+    assert '\n'.join(lines) in ev.table(m)

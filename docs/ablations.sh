@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The ablations of the README, 3 seeds each, on a short schedule (phases of 1, 3 and 1 epochs
+# instead of 3, 6 and 3: 470 steps instead of 1,128, so 30 runs fit on 2 cores), each run one
+# call of mini.sh into out-abl/NAME-SEED; then eval.py --seeds combines them:
+#
+#   bash docs/ablations.sh               # every run, two at a time, one thread each
+#   bash docs/ablations.sh full gate     # only these
+#   python eval.py --seeds=out-abl/gate-1337/phase3,out-abl/gate-1/phase3,out-abl/gate-2/phase3
+set -uo pipefail
+cd "$(dirname "$0")/.."
+declare -A RUNS=(
+  [full]=''
+  [random-queries]='--query_init=random'
+  [gate]='--learned_gate=False'
+  [no-aux]='--lambda_aux=0'
+  [no-anatomical]='--n_anatomical_queries=0'
+  [no-phase1]='P1=skip'
+  [context]='CONTEXT'
+  [prior-soft]='--anatomical_prior=soft'
+  [prior-strict]='--anatomical_prior=strict'
+  [findings]='--target=findings'
+)
+ORDER=(full random-queries gate no-aux no-anatomical no-phase1 context prior-soft prior-strict findings)
+names=("${@:-${ORDER[@]}}")
+python pretrain.py > /dev/null
+
+run() {  # name seed
+  local name=$1 seed=$2 args=${RUNS[$1]} out=out-abl/$1-$2
+  [ -f "$out/phase3/metrics_test.json" ] && return 0
+  local p1='--epochs=1' p2='--epochs=3' p3='--epochs=1'
+  case $args in
+    P1=skip) p1=skip; args='' ;;
+    CONTEXT) # the curriculum: phase 1 image only, then the indication in half the samples
+      p2="$p2 --context=True --context_dropout=0.5"; p3="$p3 --context=True --context_dropout=0.5"; args='' ;;
+  esac
+  mkdir -p "$out"
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=1 P1="$p1" P2="$p2" P3="$p3" bash mini.sh "$out" --seed="$seed" --num_workers=0 $args \
+    > "$out/log.txt" 2>&1 && echo "done $out" || echo "FAILED $out (see $out/log.txt)"
+}
+export -f run
+export RUNS_DECL
+RUNS_DECL=$(declare -p RUNS)
+for seed in 1337 1 2; do for name in "${names[@]}"; do echo "$name $seed"; done; done |
+  xargs -P 2 -L 1 bash -c 'eval "$RUNS_DECL"; run "$0" "$1"'
