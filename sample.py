@@ -14,14 +14,13 @@ import json as jsonlib
 import os
 import sys
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import data
 import hardware
-from chexpert import CONDITIONS, REGIONS
+from chexpert import CONDITIONS
 from chexquery import GENERATION, load_checkpoint
+from heatmaps import attention_grid
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'               # holds ckpt.safetensors
@@ -62,33 +61,6 @@ def read_images(paths):
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
     return loaded
-
-
-def heat(values):
-    """A (h, w) array in [0, 1] -> an RGB uint8 heat map (black-red-yellow-white)."""
-    v = np.clip(values, 0, 1)[..., None]
-    rgb = np.concatenate([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
-    return (rgb * 255).astype(np.uint8)
-
-
-def attention_grid(image, attention, gate, title, cell=160):
-    """A 5 x 4 PNG grid: the X-ray with each query's attention map (N patches) laid over it."""
-    names = list(CONDITIONS) + [f"region: {r}" for r in REGIONS]
-    g = int(round(attention.shape[-1] ** 0.5))
-    base = np.asarray(image.convert('L').resize((cell, cell)), dtype=np.float32)[..., None] / 255
-    cols, rows, header = 5, 4, 24
-    canvas = Image.new('RGB', (cols * cell, rows * (cell + 14) + header), 'white')
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), f"{title}   gate (weight of the global token) = {gate:.3f}", fill='black')
-    for q, name in enumerate(names[:len(attention)]):  # 14 maps without anatomical queries
-        a = attention[q].reshape(g, g)
-        a = (a - a.min()) / (a.max() - a.min() + 1e-12)  # per-map contrast: where this query looks
-        a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)) / 255
-        overlay = (0.55 * base * 255 + 0.45 * heat(a)).astype(np.uint8)
-        x, y = (q % cols) * cell, header + (q // cols) * (cell + 14)
-        canvas.paste(Image.fromarray(overlay), (x, y + 14))
-        draw.text((x + 2, y + 1), name[:26], fill='black')
-    return canvas
 
 
 def main():
