@@ -45,7 +45,7 @@ wandb_log = False
 wandb_project = 'chexquery'
 # data
 dataset = 'iu_xray'           # 'iu_xray', 'mimic_cxr' or 'phantom' (generated on first use)
-data_dir = 'data/iu_xray'     # prepared by data.py
+data_dir = 'data/iu_xray'     # prepared by prepare.py
 tokenizer = ''                # hub name or local dir; '': text_model's own (the tiny model: data_dir's tokenizer.json)
 target = 'both'               # the report to write: 'both' sections, 'findings' or 'impression' only
 context = False               # the study's indication ahead of the report prompt ("Indication: ... Findings:")

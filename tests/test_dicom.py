@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import prepare
 from conftest import iu_fixture
 
 pydicom = pytest.importorskip('pydicom')
@@ -153,7 +154,7 @@ def test_preparation_reads_dicom_sources_and_writes_png_copies(tmp_path):
     with open(src / 'indiana_projections.csv', 'w', newline='') as f:
         csv.writer(f).writerows([u, '5_IM-1.dcm' if n == '5_IM-1.dcm.png' else n, p] for u, n, p in rows)
     out = tmp_path / 'prepared'
-    data.prepare_iu(str(src), str(out), seed=0, short_side=448, n_workers=1)
+    prepare.prepare_iu(str(src), str(out), seed=0, short_side=448, n_workers=1)
     records = [r for s in ('train', 'val', 'test') for r in data.read_split(str(out), s)]
     r5 = next(r for r in records if r['uid'] == '5')
     assert r5['image'] == 'images_448/5_IM-1.dcm.png' and r5['id'] == '5_IM-1'
@@ -173,14 +174,14 @@ def test_sample_lists_dicom_files(tmp_path):
 
 
 def test_mimic_preparation_reads_a_dicom_original_where_no_jpg_is(tmp_path):
-    from test_data import mimic_fixture
+    from test_prepare import mimic_fixture
     src = tmp_path / 'mimic'
     src.mkdir()
     mimic_fixture(src)
     jpg = src / 'files' / 'p10' / 'p10' / 's100' / 'd100.jpg'
     jpg.unlink()
     write_dicom(jpg.with_suffix('.dcm'), ramp(0, 4095, np.uint16, (500, 600)), bits_stored=12)
-    m = data.prepare_mimic(str(src), str(tmp_path / 'prepared'), short_side=448, n_workers=1)
+    m = prepare.prepare_mimic(str(src), str(tmp_path / 'prepared'), short_side=448, n_workers=1)
     assert m['counts'] == {'train': 1, 'val': 1, 'test': 1}  # nothing dropped for it
     r = data.read_split(str(tmp_path / 'prepared'), 'train')[0]
     assert r['id'] == 'd100' and r['image'] == 'images_448/d100.png'

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import prepare
 from chexquery import CheXQuery, read_checkpoint, save_checkpoint, tiny_config
 from conftest import ROOT, iu_fixture, read_metrics, run_script, tiny_train_args, train_in_process, train_losses, \
     write_csv
@@ -35,7 +36,7 @@ def test_iu_projection_file_names_must_stay_in_the_image_directory(tmp_path, nam
     (src / 'x').mkdir()
     shutil.copy(src / 'images' / 'images_normalized' / '1_IM-1.dcm.png', src / 'x' / 'escaped.png')
     with pytest.raises(ValueError, match=r'indiana_projections\.csv, row 2\b'):
-        data.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1)
+        prepare.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1)
     # nothing written anywhere; before, the first name wrote a copy of raw/x/escaped.png to x/escaped.png
     assert not (tmp_path / 'x').exists() and not (tmp_path / 'iu').exists()
 
@@ -50,7 +51,7 @@ def test_mimic_ids_must_not_make_paths_outside_the_download(tmp_path):
     write_csv(src / 'mimic-cxr-2.0.0-split.csv', ['dicom_id', 'study_id', 'subject_id', 'split'],
               [('d1', '100', '10', 'train')])
     with pytest.raises(ValueError, match=r'metadata\.csv, row 2\b'):
-        data.mimic_records(str(src))
+        prepare.mimic_records(str(src))
 
 
 @pytest.mark.parametrize('image', ['../outside.png', '/etc/hostname', 'images/../../outside.png', ''])
@@ -65,10 +66,10 @@ def test_split_records_must_name_images_inside_the_data_directory(phantom_dir, t
 # --- a source image gone on a re-run ------------------------------------------------------
 def test_a_source_image_that_vanished_since_the_last_preparation_is_reported_and_skipped(tmp_path, capsys):
     src, out = iu_fixture(tmp_path / 'raw', n=6), tmp_path / 'iu'
-    data.prepare_iu(str(src), str(out), seed=0, n_workers=1)
+    prepare.prepare_iu(str(src), str(out), seed=0, n_workers=1)
     (src / 'images' / 'images_normalized' / '5_IM-1.dcm.png').unlink()  # its copy stays in out
     capsys.readouterr()
-    m = data.prepare_iu(str(src), str(out), seed=0, n_workers=1)
+    m = prepare.prepare_iu(str(src), str(out), seed=0, n_workers=1)
     assert '5_IM-1.dcm.png' in capsys.readouterr().out
     kept = [json.loads(line)['uid'] for s in ('train', 'val', 'test') for line in open(out / f'{s}.jsonl')]
     assert sorted(kept) == ['1', '2', '6']

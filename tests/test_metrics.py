@@ -15,7 +15,7 @@ def phantom_pairs(n=300):
     """n (reference, hypothesis) report pairs in the phantom's clinical language: the hypothesis
     is another patient's report, the reference's own every 7th pair, empty every 11th."""
     import phantom
-    from data import make_report
+    from prepare import make_report
     refs = [make_report(*phantom.write_report(phantom.sample_case(0, i))[:2]) for i in range(n)]
     hyps = [make_report(*phantom.write_report(phantom.sample_case(1, i))[:2]) for i in range(n)]
     hyps = [refs[i] if i % 7 == 0 else '' if i % 11 == 0 else h for i, h in enumerate(hyps)]

@@ -1,4 +1,4 @@
-"""R2Gen-format split files (data.py --split_file): IU X-ray names in both of their forms matched to
+"""R2Gen-format split files (prepare.py --split_file): IU X-ray names in both of their forms matched to
 the Kaggle release's files, the frontal image picked, the match counts, references from the file
 or ours, MIMIC-CXR's names, every kind of bad file, and the real IU tables when present."""
 import csv
@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import data
+import prepare
 from chexpert import CONDITIONS
 from conftest import IU_TABLES, ROOT, needs_iu_tables, write_csv
 
@@ -78,7 +79,7 @@ def test_iu_split_file_in_either_name_form(tmp_path, form, capsys):
     src = iu_raw(tmp_path / 'raw')
     nowhere = dict(id='CXR999_IM-9999', report='x', image_path=['CXR999_IM-9999/0.png'])
     ann = annotation(tmp_path / 'annotation.json', form, extra={'test': [nowhere]})
-    m = data.prepare_iu(str(src), str(tmp_path / 'iu'), short_side=448, n_workers=1, split_file=ann)
+    m = prepare.prepare_iu(str(src), str(tmp_path / 'iu'), short_side=448, n_workers=1, split_file=ann)
     splits = prepared(tmp_path / 'iu')
     # the file's split, one record per item with a frontal image; 2 has none, 4 no text, 999 no file
     assert {s: [r['id'] for r in v] for s, v in splits.items()} == \
@@ -105,7 +106,7 @@ def test_iu_split_file_in_either_name_form(tmp_path, form, capsys):
 def test_iu_references_from_the_file(tmp_path):
     src = iu_raw(tmp_path / 'raw')
     ann = annotation(tmp_path / 'annotation.json')
-    m = data.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1, split_file=ann, references='annotation')
+    m = prepare.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1, split_file=ann, references='annotation')
     records = {r['uid']: r for v in prepared(tmp_path / 'iu').values() for r in v}
     assert sorted(records, key=int) == ['1', '3', '4', '5', '6', '7', '8', '9', '10']  # 4 has text in the file
     r = records['5']
@@ -120,15 +121,15 @@ def test_a_split_file_matching_no_file_is_an_error(tmp_path):
     src = iu_raw(tmp_path / 'raw')
     elsewhere = {s: [u + 100 for u in us] for s, us in SPLIT.items()}   # studies 101.. are not in --src
     with pytest.raises(ValueError, match=r'annotation\.json.*none of the 6 train items.*CXR101_IM-0101'):
-        data.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1,
-                        split_file=annotation(tmp_path / 'annotation.json', split=elsewhere))
+        prepare.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1,
+                           split_file=annotation(tmp_path / 'annotation.json', split=elsewhere))
     one_split = dict(SPLIT, test=[101, 102])
     with pytest.raises(ValueError, match=r'none of the 2 test items'):  # no split may end up empty
-        data.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1,
-                        split_file=annotation(tmp_path / 'annotation.json', split=one_split))
+        prepare.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1,
+                           split_file=annotation(tmp_path / 'annotation.json', split=one_split))
     with pytest.raises(ValueError, match=r'none of the 6 train items'):  # the names are there, the images not
-        data.iu_r2gen_records(annotation(tmp_path / 'annotation.json'), str(src / 'indiana_reports.csv'),
-                              str(src / 'indiana_projections.csv'), files=set())
+        prepare.iu_r2gen_records(annotation(tmp_path / 'annotation.json'), str(src / 'indiana_reports.csv'),
+                                 str(src / 'indiana_projections.csv'), files=set())
     assert not (tmp_path / 'iu' / 'train.jsonl').exists()
 
 
@@ -148,16 +149,16 @@ def test_a_split_file_matching_no_file_is_an_error(tmp_path):
 def test_bad_split_files_name_what_is_missing(tmp_path, content, what):
     (tmp_path / 'bad.json').write_text(content)
     with pytest.raises(ValueError, match=r'bad\.json.*' + what):
-        data.read_r2gen(str(tmp_path / 'bad.json'))
+        prepare.read_r2gen(str(tmp_path / 'bad.json'))
 
 
 def test_references_from_the_file_need_its_reports(tmp_path):
     (tmp_path / 'a.json').write_text('{"train": [{"id": "s1", "image_path": ["a.png"]}], "val": [], "test": []}')
-    assert data.read_r2gen(str(tmp_path / 'a.json'))['train'][0]['id'] == 's1'  # fine for our references
+    assert prepare.read_r2gen(str(tmp_path / 'a.json'))['train'][0]['id'] == 's1'  # fine for our references
     with pytest.raises(ValueError, match=r"a\.json: train item 0 \(id 's1'\) lacks 'report'"):
-        data.read_r2gen(str(tmp_path / 'a.json'), need_report=True)
+        prepare.read_r2gen(str(tmp_path / 'a.json'), need_report=True)
     with pytest.raises(FileNotFoundError, match='nowhere.json'):
-        data.read_r2gen(str(tmp_path / 'nowhere.json'))
+        prepare.read_r2gen(str(tmp_path / 'nowhere.json'))
 
 
 @pytest.mark.parametrize('name, key', [
@@ -171,12 +172,12 @@ def test_references_from_the_file_need_its_reports(tmp_path):
     ('0.png', None), ('CXR3321.png', None), ('notes/CXR3321_IM-1588-1001/0.png', None),
 ])
 def test_iu_name_forms(name, key):
-    assert data.iu_name_key(name) == key
+    assert prepare.iu_name_key(name) == key
 
 
 # --- MIMIC-CXR -------------------------------------------------------------------------------
 def test_mimic_split_file(tmp_path, capsys):
-    from test_data import mimic_fixture
+    from test_prepare import mimic_fixture
     src = tmp_path / 'mimic'
     src.mkdir()
     mimic_fixture(src)  # studies 100 (PA), 101 (AP), 110 (PA), 111 (lateral), 120 (no sections)
@@ -186,7 +187,8 @@ def test_mimic_split_file(tmp_path, capsys):
            'val': [item('d101', '10', '101')],
            'test': [item('d100', '10', '100'), item('dX', '10', '999')]}
     (tmp_path / 'annotation.json').write_text(json.dumps(ann))
-    m = data.prepare_mimic(str(src), str(tmp_path / 'out'), n_workers=1, split_file=str(tmp_path / 'annotation.json'))
+    m = prepare.prepare_mimic(str(src), str(tmp_path / 'out'), n_workers=1,
+                              split_file=str(tmp_path / 'annotation.json'))
     splits = prepared(tmp_path / 'out')
     assert {s: [r['id'] for r in v] for s, v in splits.items()} == \
         {'train': ['d110'], 'val': ['d101'], 'test': ['d100']}
@@ -197,14 +199,15 @@ def test_mimic_split_file(tmp_path, capsys):
     assert r['report'] == 'Findings: Enlarged heart. No effusion. | Impression: Cardiomegaly.' and r['study'] == '110'
     assert r['indication'] == '___F with shortness of breath.' and r['image'] == 'images_448/d110.png'
     assert r['labels'][CONDITIONS.index('Cardiomegaly')] == 1  # the official labels
-    data.prepare_mimic(str(src), str(tmp_path / 'out2'), n_workers=1, split_file=str(tmp_path / 'annotation.json'),
-                       references='annotation')
+    prepare.prepare_mimic(str(src), str(tmp_path / 'out2'), n_workers=1, split_file=str(tmp_path / 'annotation.json'),
+                          references='annotation')
     splits = prepared(tmp_path / 'out2')
     assert [r['id'] for r in splits['train']] == ['d110', 'd120']  # 120's text is in the file
     assert splits['train'][0]['report'] == 'Findings: Report of d110.'
     (src / 'files' / 'p10' / 'p10' / 's100' / 'd100.jpg').unlink()  # an image gone from --src: no file
     with pytest.raises(ValueError, match=r'none of the 2 test items.*p10/p10/s100/d100\.jpg'):
-        data.prepare_mimic(str(src), str(tmp_path / 'out3'), n_workers=1, split_file=str(tmp_path / 'annotation.json'))
+        prepare.prepare_mimic(str(src), str(tmp_path / 'out3'), n_workers=1,
+                              split_file=str(tmp_path / 'annotation.json'))
 
 
 # --- the command line -------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def test_real_iu_tables_every_study_found_in_either_form(tmp_path, form):
         rows = list(csv.DictReader(f))
     studies = {}
     for r in rows:
-        uid, study, image = data.iu_name_key(r['filename'])
+        uid, study, image = prepare.iu_name_key(r['filename'])
         assert uid == r['uid'] and image, r  # every real file name parses, its uid the table's
         studies.setdefault((uid, study), []).append((image, r['projection']))
     # Open-i names uid 1's images CXR1_1_IM-0001-4001.png: that form too
@@ -248,7 +251,7 @@ def test_real_iu_tables_every_study_found_in_either_form(tmp_path, form):
     items = [dict(id=cxr(u, s), image_path=[f'{cxr(u, s)}/{i}.png' for i in range(len(v))] if form == 'folder' else
                   [f'{cxr(u, s)}-{image}.png' for image, _ in v]) for (u, s), v in sorted(studies.items())]
     (tmp_path / 'a.json').write_text(json.dumps({'train': items[:3000], 'val': items[3000:3400], 'test': items[3400:]}))
-    splits, dropped, match = data.iu_r2gen_records(str(tmp_path / 'a.json'), *(os.path.join(IU_TABLES, f) for f in (
+    splits, dropped, match = prepare.iu_r2gen_records(str(tmp_path / 'a.json'), *(os.path.join(IU_TABLES, f) for f in (
         'indiana_reports.csv', 'indiana_projections.csv')))
     no_frontal = sum(all(p != 'Frontal' for _, p in v) for v in studies.values())
     total = {k: sum(c[k] for c in match.values()) for k in ('items', 'matched', 'no frontal image', 'no file')}
