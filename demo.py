@@ -186,7 +186,8 @@ class Demo:
             if attention:
                 png = io.BytesIO()
                 maps = enc['attention'][0].float().cpu().numpy()
-                attention_grid(image, maps, gate, 'the 20 queries').save(png, 'PNG')
+                attention_grid(image, maps, gate, 'the 20 queries', prior=self.model.cfg.anatomical_prior,
+                               atlas=self.model.cfg.atlas).save(png, 'PNG')
                 out['attention_png'] = base64.b64encode(png.getvalue()).decode()
             out['seconds'] = round(time.perf_counter() - start, 3)
             return out

@@ -102,8 +102,8 @@ def main():
                           present=[c for c, v in p.items() if v >= threshold], gate=round(enc['gate'][i].item(), 4))
             if attention_dir:
                 png = os.path.join(attention_dir, os.path.splitext(os.path.basename(f))[0] + '_attention.png')
-                attention_grid(im, enc['attention'][i].float().cpu().numpy(), record['gate'],
-                               os.path.basename(f)).save(png)
+                attention_grid(im, enc['attention'][i].float().cpu().numpy(), record['gate'], os.path.basename(f),
+                               prior=model.cfg.anatomical_prior, atlas=model.cfg.atlas).save(png)
                 record['attention_png'] = png
             if json:
                 print(jsonlib.dumps(record))

@@ -339,3 +339,18 @@ def test_train_carries_the_prior_from_phase_1_to_phases_2_and_3(phantom_dir, tmp
                          anatomical_atlas=atlas_file(dict(ATLAS, cardiac=[0.9, 0.3, 0.2, 0.8]), 'bad.json'))
     with pytest.raises(ValueError, match="'loose'"):
         train_in_process(phantom_dir, str(tmp_path / 'bad'), anatomical_prior='loose', **common)
+
+
+def test_attention_grid_draws_each_anatomical_querys_box_when_a_prior_is_on():
+    import numpy as np
+    from PIL import Image
+    from chexpert import ATLAS, CONDITIONS, REGIONS
+    from heatmaps import attention_grid
+    image, attention = Image.new('L', (64, 64), 128), np.full((20, 64), 1 / 64)
+    cell, header = 160, 24
+    q = len(CONDITIONS)  # the first anatomical query's cell
+    x0, y0 = ATLAS[REGIONS[0]][:2]
+    at = (int((q % 5) * cell + x0 * cell), int(header + (q // 5) * (cell + 14) + 14 + y0 * cell))
+    with_box = np.asarray(attention_grid(image, attention, 0.5, 't', prior='strict', atlas=ATLAS))
+    without = np.asarray(attention_grid(image, attention, 0.5, 't'))
+    assert tuple(with_box[at[1], at[0]]) == (0, 200, 255) and tuple(without[at[1], at[0]]) != (0, 200, 255)
