@@ -248,6 +248,18 @@ def prompt_batch(tok, prompt, indications):
     return ids, (mask if (mask == 0).any() else None)
 
 
+def check_context(context, config, source):
+    """Whether to put the indication ahead of the prompt for a checkpoint whose run config is
+    `config`: its own setting for context None. True for a checkpoint trained without context
+    is an error naming `source`: it never learned to read an indication."""
+    trained = bool(config.get('context', False))
+    if context and not trained:
+        raise ValueError(f"{source} was trained without clinical context: it never learned to read an indication "
+                         f"ahead of its prompt. Leave the indication out (context=False), or use a run trained "
+                         f"with context")
+    return trained if context is None else bool(context)
+
+
 def decode_reports(tok, ids, n_prompt, prompt):
     """The reports in generate's output (B, T): what follows the n_prompt prompt positions,
     behind the section prompt. The indication is input, never part of the report."""

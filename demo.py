@@ -164,9 +164,11 @@ class Demo:
         """The JSON answer for an image's bytes: the report (with a context-trained checkpoint and
         an indication, the report without it too), the 14 probabilities, the conditions present,
         the gate, the seconds taken and, when asked, the attention grid as a base64 PNG."""
-        if indication and not self.context:
-            raise RequestError(400, f"{self.checkpoint['name']} was trained without clinical context: it cannot "
-                                    f"read an indication (leave the indication parameter out)")
+        if indication:
+            try:
+                data.check_context(True, self.config, self.checkpoint['name'])
+            except ValueError as e:
+                raise RequestError(400, str(e)) from None
         with self.lock:
             start = time.perf_counter()
             image = decode_image(body)

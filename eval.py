@@ -121,16 +121,6 @@ def baseline_reports(data_dir, test_records, target='both'):
 
 
 # --- predictions ------------------------------------------------------------------------------
-def check_context(context, cfg, source):
-    """The context setting to use: the checkpoint's own for None. True for a checkpoint trained
-    without context is an error: it never learned to read an indication ahead of the report."""
-    trained = bool(cfg.get('context', False))
-    if context and not trained:
-        raise ValueError(f"{source} was trained without clinical context: context=True would put an indication "
-                         f"ahead of its prompt, which it never saw. Use context=False (or a run trained with context)")
-    return trained if context is None else bool(context)
-
-
 def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size=16, max_samples=0,
                          cpu_kernels=True, context=None, **generation):
     """Runs a run's checkpoint over a split, with the indication ahead of the prompt or not
@@ -140,7 +130,7 @@ def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size
     if dev == 'cpu' and cpu_kernels:
         hardware.use_cpu_kernels(model)
     cfg, tok = meta['config'], data.run_tokenizer(meta['config'])
-    context, target = check_context(context, cfg, ckpt or run_dir), cfg.get('target', 'both')
+    context, target = data.check_context(context, cfg, ckpt or run_dir), cfg.get('target', 'both')
     ds = data.ReportDataset(cfg['data_dir'], split_name, tok, model.cfg.image_size, train=False, target=target,
                             context=context, max_len=cfg['max_len'], uncertain=cfg['uncertain'])
     if ds.left_out:

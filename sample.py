@@ -70,11 +70,8 @@ def main():
     if dev == 'cpu' and cpu_kernels:
         hardware.use_cpu_kernels(model)
     cfg = meta['config']
-    trained = bool(cfg.get('context', False))
-    if not trained and (context or (context is None and indication.strip())):
-        raise ValueError(f"{ckpt or out_dir} was trained without clinical context: it cannot read an indication "
-                         f"(leave indication and context out, or pass context=False)")
-    use = indication if (trained if context is None else context) else ''
+    asked = True if context is None and indication.strip() else context  # an indication given asks for context
+    use = indication if data.check_context(asked, cfg, ckpt or out_dir) else ''
     tok = data.run_tokenizer(cfg)
     transform = data.eval_transform(model.cfg.image_size)
     section = data.section_prompt(cfg.get('target', 'both'))

@@ -145,8 +145,21 @@ def test_context_on_a_checkpoint_trained_without_it_is_an_error(tiny_run):
     with pytest.raises(ValueError, match='without clinical context'):
         evaluate.generate_predictions(tiny_run, 'val', context=True, max_samples=2, num_beams=1, max_length=20,
                                       device='cpu', cpu_kernels=False)
-    assert evaluate.check_context(None, {'context': False}, 'x') is False
-    assert evaluate.check_context(False, {'context': True}, 'x') is False
+    assert data.check_context(None, {'context': False}, 'x') is False
+    assert data.check_context(None, {'context': True}, 'x') is True
+    assert data.check_context(False, {'context': True}, 'x') is False
+
+
+def test_sample_refuses_an_indication_for_a_checkpoint_trained_without_context(random_run, phantom_dir, monkeypatch):
+    import sample
+    first = data.read_split(phantom_dir, 'test')[0]
+    for k, v in dict(out_dir=random_run, images=os.path.join(phantom_dir, first['image']), indication='Cough.',
+                     num_beams=1, max_length=8, min_length=1).items():
+        monkeypatch.setattr(sample, k, v)
+    with pytest.raises(ValueError, match='without clinical context'):
+        sample.main()
+    monkeypatch.setattr(sample, 'context', False)  # said so: the indication is not used, and it runs
+    sample.main()
 
 
 def test_one_section_of_both_reports_is_scored_alone():
