@@ -46,6 +46,9 @@ TINY_TEXT = dict(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=2,
                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
+ANATOMICAL_PRIORS = ('none', 'soft', 'strict')  # for the anatomical queries' cross-attention
+
+
 @dataclass
 class CheXQueryConfig:
     # backbones: a hub name or local directory of pretrained weights, unless the
@@ -90,7 +93,7 @@ class CheXQueryConfig:
                              f"condition), got {self.n_condition_queries}")
         self.vision_lora_targets = tuple(self.vision_lora_targets)
         self.text_lora_targets = tuple(self.text_lora_targets)
-        if self.anatomical_prior not in ('none', 'soft', 'strict'):
+        if self.anatomical_prior not in ANATOMICAL_PRIORS:
             raise ValueError(f"anatomical_prior must be 'none', 'soft' or 'strict', got {self.anatomical_prior!r}")
         if self.anatomical_prior != 'none' and self.n_anatomical_queries != len(REGIONS):
             raise ValueError(f"anatomical_prior={self.anatomical_prior!r} needs one anatomical query per region "

@@ -99,7 +99,8 @@ config = configure(globals(), sys.argv[1:])
 import data  # noqa: E402
 import hardware  # noqa: E402
 from chexpert import read_atlas  # noqa: E402
-from chexquery import CheXQuery, CheXQueryConfig, load_weights, read_checkpoint, save_checkpoint, tiny_config  # noqa: E402
+from chexquery import (ANATOMICAL_PRIORS, CheXQuery, CheXQueryConfig, load_weights, read_checkpoint,  # noqa: E402
+                       save_checkpoint, tiny_config)
 from metrics import auc_per_condition, clinical_scores  # noqa: E402
 
 # the values, checked before anything divides by them -----------------------------
@@ -120,7 +121,7 @@ if lambda_gen == lambda_aux == 0:
     raise ValueError("lambda_gen and lambda_aux are both 0: there would be no loss to train on")
 if model_size not in ('base', 'tiny'):
     raise ValueError(f"model_size must be 'base' or 'tiny', got {model_size!r}")
-if anatomical_prior not in ('none', 'soft', 'strict'):
+if anatomical_prior not in ANATOMICAL_PRIORS:
     raise ValueError(f"anatomical_prior must be 'none', 'soft' or 'strict', got {anatomical_prior!r}")
 atlas = read_atlas(anatomical_atlas) if anatomical_atlas and init_from == 'scratch' else None  # a bad file fails now
 
