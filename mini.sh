@@ -17,7 +17,7 @@ for phase in 1 2 3; do
   extra=$(eval echo "\${P$phase:-}")
   if [ "$extra" = skip ]; then continue; fi
   # shellcheck disable=SC2086  # the per-phase overrides are words
-  python train.py "config/mini$phase.py" --out_dir="$out/phase$phase" --init_from="$init" "$@" $extra
+  python train.py config/mini.py "config/mini$phase.py" --out_dir="$out/phase$phase" --init_from="$init" "$@" $extra
   init="$out/phase$phase/ckpt.safetensors"
 done
 python eval.py --out_dir="$out/phase3" --split=test

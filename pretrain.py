@@ -3,7 +3,7 @@ Tiny pretrained backbones for CheXQuery, made here from the phantom training spl
 since no pretrained weights can be downloaded:
 
     python pretrain.py                              # out-pretrained/{siglip,t5,bert}
-    python train.py config/mini1.py                 # then CheXQuery's three phases on them
+    bash mini.sh                                    # then CheXQuery's three phases on them
 
 - siglip/  SigLIP, vision and text towers, trained with its sigmoid image-text loss on
            image-report pairs; the phantom tokenizer beside it
