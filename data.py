@@ -104,21 +104,24 @@ def load_dicom(path):
         raise ValueError(f"{path}: not a readable DICOM image ({reason})") from None
     a = np.asarray(a, dtype=np.float64)
     if bits > 8 or a.min() < 0 or a.max() > 255:
-        # min-max of the windowed signal: all of it kept, none clipped at 255 (convert('L') would)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        a = stretch_to_8bit(a)  # min-max of the windowed signal
     if photometric == 'MONOCHROME1':  # 0 is white in MONOCHROME1
         a = 255.0 - a
     return Image.fromarray(a.round().astype(np.uint8)).convert('RGB')  # (H, W) -> L, (H, W, 3) -> RGB
 
 
+def stretch_to_8bit(a):
+    """min..max of an array to 0..255 (floats): all of the signal kept, none clipped at 255
+    as PIL's convert('L') would; a flat image is 0."""
+    import numpy as np
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+
+
 def to_rgb(im):
-    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-        # 16-bit and float radiographs: stretch min..max to 0..255 (PIL's convert('L') would clip at 255)
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # 16-bit and float radiographs
         import numpy as np
-        a = np.asarray(im, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        a = stretch_to_8bit(np.asarray(im, dtype=np.float32))
         im = Image.fromarray(a.round().astype(np.uint8), 'L')
     if im.mode in ('RGBA', 'LA') or (im.mode == 'P' and 'transparency' in im.info):
         im = im.convert('RGBA')
