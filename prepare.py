@@ -137,16 +137,23 @@ def write_prepared(out_dir, splits, manifest, jobs, n_workers):
 
 
 # --- IU X-ray --------------------------------------------------------------------
+def read_projections(projections_csv):
+    """IU X-ray's projections table, each filename checked: it names the image below
+    images_normalized/ and its copy's, so it must stay inside its directory."""
+    rows = read_csv(projections_csv, IU_PROJECTION_COLUMNS)
+    for row, p in enumerate(rows, 1):
+        if path_problem(p['filename']):
+            raise ValueError(f"{projections_csv}, row {row} (uid {p['uid']}): filename {path_problem(p['filename'])}")
+    return rows
+
+
 def iu_records(reports_csv, projections_csv, seed=1337):
     """Cleaned frontal-image records of IU X-ray with their split, before any image is touched.
     Returns ({split: [record]}, Counter of dropped reasons)."""
     from chexpert import label_report
     reports = read_csv(reports_csv, IU_REPORT_COLUMNS)
-    projections = read_csv(projections_csv, IU_PROJECTION_COLUMNS)
     frontal = {}
-    for row, p in enumerate(projections, 1):
-        if path_problem(p['filename']):  # it names the image below images_normalized/ and its copy's
-            raise ValueError(f"{projections_csv}, row {row} (uid {p['uid']}): filename {path_problem(p['filename'])}")
+    for p in read_projections(projections_csv):
         if p['projection'].strip().lower() == 'frontal':
             frontal.setdefault(p['uid'], []).append(p['filename'])
     dropped, studies = Counter(), []
@@ -436,10 +443,8 @@ def iu_r2gen_records(split_file, reports_csv, projections_csv, files=None, refer
     ann = read_r2gen(split_file, need_report=references == 'annotation')
     reports = {r['uid']: r for r in read_csv(reports_csv, IU_REPORT_COLUMNS)}
     projection, exact, study = {}, {}, {}
-    for row, p in enumerate(read_csv(projections_csv, IU_PROJECTION_COLUMNS), 1):
+    for p in read_projections(projections_csv):
         name, key = p['filename'], iu_name_key(p['filename'])
-        if path_problem(name):  # it names the image below images_normalized/ and its copy's
-            raise ValueError(f"{projections_csv}, row {row} (uid {p['uid']}): filename {path_problem(name)}")
         if key is None or (files is not None and name not in files):
             continue
         projection[name] = (p['uid'], p['projection'].strip().lower())
