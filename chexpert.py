@@ -40,6 +40,15 @@ CONDITIONS = (
 )
 # The five most common, over which papers also report clinical F1.
 COMMON5 = ('Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Pleural Effusion')
+def diagnosis_text(decisions):
+    """The 14 decisions (truthy: present) in the words a decoder reads ahead of its report
+    (train.py's diagnosis_prompt): 'Seen: cardiomegaly, pleural effusion.' or 'Seen: none.'"""
+    if len(decisions) != len(CONDITIONS):
+        raise ValueError(f"a diagnosis needs {len(CONDITIONS)} decisions, one per condition, got {len(decisions)}")
+    seen = [name.lower() for name, present in zip(CONDITIONS, decisions) if present]
+    return f"Seen: {', '.join(seen) or 'none'}."
+
+
 # One anatomical query per region, in this order.
 REGIONS = ('cardiac', 'left lung', 'right lung', 'mediastinum', 'diaphragm', 'spine')
 # The anatomical attention priors' atlas: one box [x0, y0, x1, y1] per region in image fractions

@@ -17,7 +17,7 @@ import warnings
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from chexpert import CONDITIONS
+from chexpert import CONDITIONS, diagnosis_text
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey image
 MEAN = STD = (0.5, 0.5, 0.5)             # SigLIP's normalization
@@ -223,12 +223,15 @@ def target_text(record, target):
     return f"{section_prompt(target)} {text}" if text else ''
 
 
-def prompt_tokens(tok, prompt, indication=''):
-    """The prompt's token ids: 'Indication: <text>.' (cut to MAX_CONTEXT_TOKENS) ahead of the
-    section prompt when there is an indication, else the section prompt alone. With the T5
-    encoder deleted, the decoder reads the indication through its own causal self-attention
-    as the first tokens of the text; its cross-attention sees only the 11 visual tokens."""
+def prompt_tokens(tok, prompt, indication='', diagnosis=None):
+    """The prompt's token ids: 'Indication: <text>.' (cut to MAX_CONTEXT_TOKENS) when there is an
+    indication, then the 14 decisions in words when there is a diagnosis ('Seen: edema.'), then
+    the section prompt. With the T5 encoder deleted, the decoder reads them through its own
+    causal self-attention as the first tokens of the text; its cross-attention sees only the
+    11 visual tokens."""
     ids = tok(prompt, add_special_tokens=False)['input_ids']
+    if diagnosis is not None:
+        ids = tok(diagnosis_text(diagnosis), add_special_tokens=False)['input_ids'] + ids
     text = ' '.join((indication or '').split())
     if not text:
         return ids
@@ -236,15 +239,16 @@ def prompt_tokens(tok, prompt, indication=''):
     return tok(f"Indication: {text}", add_special_tokens=False)['input_ids'][:MAX_CONTEXT_TOKENS] + ids
 
 
-def prompt_ids(tok, prompt, indication=''):
+def prompt_ids(tok, prompt, indication='', diagnosis=None):
     """The decoder prefix for generate: T5's start token (pad, 0) then the prompt."""
-    return [tok.pad_token_id] + prompt_tokens(tok, prompt, indication)
+    return [tok.pad_token_id] + prompt_tokens(tok, prompt, indication, diagnosis)
 
 
-def prompt_batch(tok, prompt, indications):
-    """(ids, mask), both (B, P): one prefix per indication, left-padded so every row's
-    report starts at position P; mask is 0 on the padding (None when there is none)."""
-    rows = [prompt_ids(tok, prompt, indication) for indication in indications]
+def prompt_batch(tok, prompt, indications, diagnoses=None):
+    """(ids, mask), both (B, P): one prefix per indication (and diagnosis), left-padded so every
+    row's report starts at position P; mask is 0 on the padding (None when there is none)."""
+    diagnoses = [None] * len(indications) if diagnoses is None else diagnoses
+    rows = [prompt_ids(tok, prompt, indication, diagnosis) for indication, diagnosis in zip(indications, diagnoses)]
     P = max(map(len, rows))
     ids = torch.tensor([[tok.pad_token_id] * (P - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
@@ -269,15 +273,22 @@ def decode_reports(tok, ids, n_prompt, prompt):
     return [f"{prompt} {text.strip()}".strip() for text in tok.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)]
 
 
-def encode_report(tok, prompt, report, max_len, indication=''):
+def encode_report(tok, prompt, report, max_len, indication='', diagnosis=None):
     """(decoder_input_ids, labels): the decoder reads [start] + prompt + target[:-1] and
-    predicts target + eos; labels are -100 on the prompt (and the indication ahead of it)
-    so it is given, never learned."""
-    p = prompt_tokens(tok, prompt, indication)
+    predicts target + eos; labels are -100 on the prompt (and the indication and diagnosis
+    ahead of it) so it is given, never learned."""
+    p = prompt_tokens(tok, prompt, indication, diagnosis)
     target = report[len(prompt):] if report.startswith(prompt) else report
     t = tok(target.strip(), add_special_tokens=False)['input_ids'][:max(1, max_len - len(p) - 1)] + [tok.eos_token_id]
     seq = p + t
     return [tok.pad_token_id] + seq[:-1], [-100] * len(p) + t
+
+
+def pad_tokens(rows):
+    """(decoder_input_ids, labels), both (B, T): (ids, labels) lists padded with 0 and -100."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (pad([torch.tensor(ids) for ids, _ in rows], batch_first=True, padding_value=0),
+            pad([torch.tensor(labels) for _, labels in rows], batch_first=True, padding_value=-100))
 
 
 # --- paths from the data ---------------------------------------------------------
@@ -339,25 +350,32 @@ class ReportDataset(torch.utils.data.Dataset):
     gives None (one warning naming the file); collate drops it and counts the skip.
     target picks the section to write (studies where it is empty are left out and counted
     in self.left_out); with context, the indication goes ahead of the prompt, dropped for a
-    share context_dropout of the samples (drawn per sample from torch's generator)."""
+    share context_dropout of the samples; with diagnosis, the reference labels (binarized as
+    the aux targets are) go ahead of the section prompt in words, and a share own_diagnosis
+    of the samples is marked 'own': train.py puts the aux head's decisions there instead.
+    Both draws are per sample, from torch's generator."""
 
     def __init__(self, data_dir, split, tokenizer, image_size, train=False, target='both', context=False,
-                 context_dropout=0.0, max_len=256, uncertain='positive'):
+                 context_dropout=0.0, max_len=256, uncertain='positive', diagnosis=False, own_diagnosis=0.0):
         from chexpert import binarize
-        if not 0 <= context_dropout <= 1:
-            raise ValueError(f"context_dropout must be in [0, 1], got {context_dropout}")
+        for name, share in (('context_dropout', context_dropout), ('own_diagnosis', own_diagnosis)):
+            if not 0 <= share <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {share}")
         self.data_dir, self.prompt = data_dir, section_prompt(target)
         records = read_split(data_dir, split)
         self.records = [r for r in records if target_text(r, target)]
         self.left_out = len(records) - len(self.records)
         self.transform = train_transform(image_size) if train else eval_transform(image_size)
-        self.context_dropout = context_dropout
-        self.tokens = [encode_report(tokenizer, self.prompt, target_text(r, target), max_len) for r in self.records]
-        # with the indication: only where there is one (an empty one is the same as no context)
-        self.context_tokens = [encode_report(tokenizer, self.prompt, target_text(r, target), max_len,
-                                             r.get('indication', '')) if context and (r.get('indication') or '').strip()
-                               else None for r in self.records]
+        self.context_dropout, self.diagnosis, self.own_diagnosis = context_dropout, diagnosis, own_diagnosis
         self.cond_labels = torch.tensor([binarize(r['labels'], uncertain) for r in self.records], dtype=torch.float32)
+        self.texts = [target_text(r, target) for r in self.records]
+        # the indication only where there is one (an empty one is the same as no context)
+        self.indications = [' '.join((r.get('indication') or '').split()) if context else '' for r in self.records]
+        diagnoses = [(y > 0.5).tolist() if diagnosis else None for y in self.cond_labels]
+        self.tokens = [encode_report(tokenizer, self.prompt, text, max_len, '', d)
+                       for text, d in zip(self.texts, diagnoses)]
+        self.context_tokens = [encode_report(tokenizer, self.prompt, text, max_len, indication, d) if indication
+                               else None for text, indication, d in zip(self.texts, self.indications, diagnoses)]
         self.warned = set()
         self.cached = set()  # ids whose image train.py no longer needs (it has their encoder outputs)
 
@@ -376,11 +394,15 @@ class ReportDataset(torch.utils.data.Dataset):
                 self.warned.add(path)
                 print(f"warning: skipping sample {r['id']}: {e}", file=sys.stderr)
             return None
-        decoder_input_ids, labels = self.tokens[i]
+        (decoder_input_ids, labels), indication = self.tokens[i], ''
         if self.context_tokens[i] and (self.context_dropout == 0 or torch.rand(()).item() >= self.context_dropout):
-            decoder_input_ids, labels = self.context_tokens[i]
-        return dict(id=r['id'], image=image, decoder_input_ids=torch.tensor(decoder_input_ids),
-                    labels=torch.tensor(labels), cond_labels=self.cond_labels[i])
+            (decoder_input_ids, labels), indication = self.context_tokens[i], self.indications[i]
+        sample = dict(id=r['id'], image=image, decoder_input_ids=torch.tensor(decoder_input_ids),
+                      labels=torch.tensor(labels), cond_labels=self.cond_labels[i])
+        if self.diagnosis:  # what train.py needs to write the head's decisions into the slot instead
+            own = self.own_diagnosis > 0 and torch.rand(()).item() < self.own_diagnosis
+            sample.update(text=self.texts[i], indication=indication, own=own)
+        return sample
 
 
 def collate(batch):
@@ -390,12 +412,25 @@ def collate(batch):
     if not good:
         return None
     pad = torch.nn.utils.rnn.pad_sequence
-    return dict(ids=[b['id'] for b in good], skipped=len(batch) - len(good),
-                image=torch.stack(images) if (images := [b['image'] for b in good if b['image'] is not None]) else None,
-                has_image=[b['image'] is not None for b in good],  # all True unless train.py caches features
-                decoder_input_ids=pad([b['decoder_input_ids'] for b in good], batch_first=True, padding_value=0),
-                labels=pad([b['labels'] for b in good], batch_first=True, padding_value=-100),  # (B, T)
-                cond_labels=torch.stack([b['cond_labels'] for b in good]))                # (B, 14)
+    out = dict(ids=[b['id'] for b in good], skipped=len(batch) - len(good),
+               image=torch.stack(images) if (images := [b['image'] for b in good if b['image'] is not None]) else None,
+               has_image=[b['image'] is not None for b in good],  # all True unless train.py caches features
+               decoder_input_ids=pad([b['decoder_input_ids'] for b in good], batch_first=True, padding_value=0),
+               labels=pad([b['labels'] for b in good], batch_first=True, padding_value=-100),  # (B, T)
+               cond_labels=torch.stack([b['cond_labels'] for b in good]))                # (B, 14)
+    if 'own' in good[0]:
+        out.update({k: [b[k] for b in good] for k in ('text', 'indication', 'own')})
+    return out
+
+
+def own_diagnosis_tokens(tok, prompt, batch, decisions, max_len):
+    """(decoder_input_ids, labels), (B, T), for a collated batch of a diagnosis dataset: each
+    sample's slot holds the head's `decisions` (B, 14 bools) where batch['own'] is set, the
+    reference labels elsewhere; the rest of each sample as the dataset encoded it."""
+    references = (batch['cond_labels'] > 0.5).tolist()
+    return pad_tokens([encode_report(tok, prompt, text, max_len, indication, own_decisions if own else reference)
+                       for text, indication, own, own_decisions, reference in
+                       zip(batch['text'], batch['indication'], batch['own'], decisions.tolist(), references)])
 
 
 if __name__ == '__main__':

@@ -350,6 +350,39 @@ def clinical_metrics(refs, hyps, label, uncertain='positive'):
                 uncertain_policy=f"uncertain counted as {uncertain}")
 
 
+def best_thresholds(targets, probs):
+    """Per condition, the probability threshold with the best F1 on (targets, probs), both (N, 14):
+    halfway between the last score called positive and the next one down. None for a condition
+    with no positive or no negative target, where F1 cannot choose."""
+    targets, probs = np.asarray(targets) > 0.5, np.asarray(probs, dtype=np.float64)
+    out = []
+    for t, s in zip(targets.T, probs.T):
+        if t.all() or not t.any():
+            out.append(None)
+            continue
+        order = np.argsort(-s, kind='mergesort')
+        s, t = s[order], t[order]
+        cuts = np.flatnonzero(np.diff(s) < 0) + 1          # call the first k positive, k at a change of score
+        cuts = np.append(cuts, len(s))
+        f1 = 2 * np.cumsum(t)[cuts - 1] / (cuts + t.sum())   # F1 = 2 tp / (predicted + actual)
+        k = cuts[int(np.argmax(f1))]
+        out.append(float((s[k - 1] + s[k]) / 2) if k < len(s) else float(s[-1] / 2))
+    return out
+
+
+def decide(probs, thresholds):
+    """(N, 14) decisions: probs at or above each condition's threshold (0.5 where it is None)."""
+    thresholds = np.array([0.5 if t is None else t for t in thresholds])
+    return np.asarray(probs) >= thresholds
+
+
+def agreement(stated, decided):
+    """How often the reports state what the model's own head decided, from binary (N, 14) arrays
+    (the labeler on the reports, the head's decisions): per condition, and over all N x 14 pairs."""
+    same = np.asarray(stated, bool) == np.asarray(decided, bool)
+    return dict({c: float(same[:, i].mean()) for i, c in enumerate(CONDITIONS)}, overall=float(same.mean()))
+
+
 def auc_per_condition(targets, probs):
     """ROC-AUC of each column (Mann-Whitney, ties averaged); NaN where one class is missing."""
     targets, probs = np.asarray(targets) > 0.5, np.asarray(probs, dtype=np.float64)

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from chexpert import CONDITIONS, REGIONS
+from chexpert import CONDITIONS, REGIONS, diagnosis_text
 
 # -----------------------------------------------------------------------------
 # CLI defaults (python phantom.py --key=value)
@@ -42,7 +42,7 @@ seed = 1337
 workers = os.cpu_count() or 1
 force = False  # regenerate even when data_dir already holds this exact set
 
-VERSION = 4    # bump whenever the output for a given seed changes (4: indications that hint at findings)
+VERSION = 5    # bump whenever the output for a given seed changes (5: the diagnosis prompt's words in the tokenizer)
 PAD = 0.15     # the canonical canvas reaches PAD beyond the image, so moving it shows no edges
 P_NORMAL, P_DEVICES, P_UNCERTAIN = 0.38, 0.12, 0.15
 # Relative frequency of each finding among abnormal studies. Lung Opacity is low
@@ -173,6 +173,7 @@ def lexicon():
     texts = [text for group in NEGATIONS.values() for text, _ in group]
     texts += NORMAL_IMPRESSION + ['Findings: | Impression:']
     texts += [text for _, text, _, _ in HINTS] + INDICATIONS + ['Indication:']  # the context prefix's words
+    texts += [diagnosis_text([True] * len(CONDITIONS)), diagnosis_text([False] * len(CONDITIONS))]  # diagnosis_prompt's
     first = {slot: values[0] for slot, values in FILL.items()}
     for sentences, impressions in list(FIND.values()) + list(HEDGED.values()):
         for template in sentences + impressions:

@@ -1,0 +1,118 @@
+"""The diagnosis prompt (the 14 decisions in words ahead of the report), per-condition
+thresholds and the agreement between what a report states and what the head decided."""
+import numpy as np
+import pytest
+import torch
+
+import data
+from chexpert import CONDITIONS, diagnosis_text, label_report
+from metrics import agreement, best_thresholds, decide
+
+REPORT = 'Findings: The heart is enlarged. No pneumothorax. | Impression: Cardiomegaly.'
+
+
+@pytest.fixture(scope='module')
+def tok(phantom_dir):
+    return data.load_tokenizer(phantom_dir)
+
+
+def decisions(*names):
+    return [c in names for c in CONDITIONS]
+
+
+def test_the_diagnosis_names_what_was_decided_and_nothing_else():
+    assert diagnosis_text(decisions('Cardiomegaly', 'Pleural Effusion')) == 'Seen: cardiomegaly, pleural effusion.'
+    assert diagnosis_text(decisions()) == 'Seen: none.'
+    with pytest.raises(ValueError, match='14 decisions'):
+        diagnosis_text([True, False, True])
+
+
+def test_the_phantom_tokenizer_reads_every_word_of_the_diagnosis(tok):
+    text = diagnosis_text([True] * len(CONDITIONS))
+    ids = tok(text, add_special_tokens=False)['input_ids']
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+
+
+def test_the_diagnosis_goes_between_indication_and_prompt_and_out_of_the_loss(tok):
+    plain_in, plain_labels = data.encode_report(tok, 'Findings:', REPORT, 96, indication='Chest pain')
+    diag_in, diag_labels = data.encode_report(tok, 'Findings:', REPORT, 96, indication='Chest pain',
+                                              diagnosis=decisions('Cardiomegaly'))
+    indication = tok('Indication: Chest pain.', add_special_tokens=False)['input_ids']
+    slot = tok('Seen: cardiomegaly.', add_special_tokens=False)['input_ids']
+    n, m = len(indication), len(slot)
+    assert diag_in[1:1 + n] == indication and diag_in[1 + n:1 + n + m] == slot
+    assert diag_in[1 + n + m:] == plain_in[1 + n:]                      # then what the model reads without it
+    assert diag_labels[:n + m] == [-100] * (n + m)                      # given, never learned
+    assert diag_labels[n + m:] == plain_labels[n:]                      # the same targets
+    # another decision changes the prompt's words only
+    other_in, other_labels = data.encode_report(tok, 'Findings:', REPORT, 96, diagnosis=decisions('Edema'))
+    assert 'edema' in tok.decode(other_in) and 'cardiomegaly' not in tok.decode(other_in[:4])
+
+
+def test_the_dataset_fills_the_slot_with_reference_labels_and_marks_own_samples(phantom_dir, tok):
+    torch.manual_seed(0)
+    plain = data.ReportDataset(phantom_dir, 'val', tok, 64)
+    ref = data.ReportDataset(phantom_dir, 'val', tok, 64, diagnosis=True)
+    own = data.ReportDataset(phantom_dir, 'val', tok, 64, diagnosis=True, own_diagnosis=0.5)
+    for i in range(8):
+        truth = [c for c, y in zip(CONDITIONS, ref.cond_labels[i]) if y > 0.5]
+        prompt = tok.decode(ref[i]['decoder_input_ids'][:ref[i]['labels'].tolist().count(-100) + 1],
+                            skip_special_tokens=True)
+        assert prompt.split('Findings:')[0].strip().rstrip('.').removeprefix('Seen: ').split(', ') == (
+            [c.lower() for c in truth] or ['none'])
+        assert ref[i]['own'] is False
+        assert torch.equal(ref[i]['labels'][ref[i]['labels'] >= 0], plain[i]['labels'][plain[i]['labels'] >= 0])
+    marks = [own[i]['own'] for i in range(len(own))]
+    assert 0.3 < sum(marks) / len(marks) < 0.7
+
+
+def test_own_samples_get_the_heads_decisions_and_the_others_the_reference(phantom_dir, tok):
+    ds = data.ReportDataset(phantom_dir, 'val', tok, 64, diagnosis=True, own_diagnosis=0.5)
+    batch = data.collate([ds[i] for i in range(6)])
+    batch['own'] = [True, False, True, False, False, True]
+    head = torch.zeros(6, len(CONDITIONS), dtype=torch.bool)
+    head[:, CONDITIONS.index('Fracture')] = True                       # the head sees a fracture everywhere
+    ids, labels = data.own_diagnosis_tokens(tok, ds.prompt, batch, head, 256)
+    for row, own in enumerate(batch['own']):
+        first = int((labels[row] != -100).nonzero()[0])                # the report's first target
+        prompt = tok.decode(ids[row, :first + 1], skip_special_tokens=True)
+        fracture = batch['cond_labels'][row, CONDITIONS.index('Fracture')] > 0.5
+        assert ('fracture' in prompt) == bool(own or fracture)
+        if not own:  # the reference's rows are exactly what the dataset made
+            n = int((batch['labels'][row] != -100).sum()) + first
+            assert torch.equal(ids[row, :n], batch['decoder_input_ids'][row, :n])
+        # the report's targets are never changed by the slot
+        assert torch.equal(labels[row][labels[row] != -100], batch['labels'][row][batch['labels'][row] != -100])
+
+
+def test_thresholds_maximize_each_conditions_f1():
+    targets = np.zeros((6, len(CONDITIONS)))
+    probs = np.full((6, len(CONDITIONS)), 0.4)
+    targets[:, 2] = [1, 1, 0, 0, 1, 0]
+    probs[:, 2] = [0.9, 0.3, 0.25, 0.1, 0.28, 0.05]                       # 0.5 would find one of three
+    targets[:, 5] = [1, 0, 0, 0, 0, 0]
+    probs[:, 5] = [0.45, 0.2, 0.1, 0.1, 0.1, 0.1]
+    chosen = best_thresholds(targets, probs)
+    assert chosen[2] == pytest.approx((0.28 + 0.25) / 2)                # all three positives, no false one
+    assert chosen[5] == pytest.approx((0.45 + 0.2) / 2)
+    assert chosen[0] is None                                            # no positive: F1 cannot choose
+    made = decide(probs, chosen)
+    assert made[:, 2].tolist() == [True, True, False, False, True, False]
+    assert made[:, 0].tolist() == [False] * 6                           # 0.5 where none was chosen
+
+
+def test_agreement_counts_what_the_reports_state_against_the_heads_decisions():
+    reports = ['The heart is enlarged. No pleural effusion.',             # says cardiomegaly
+               'Small left pleural effusion.',                            # says effusion, not cardiomegaly
+               'The lungs are clear. No pneumothorax or pleural effusion.']
+    stated = np.array([[label == 1 or label == -1 for label in label_report(r)] for r in reports])
+    decided = np.zeros_like(stated)
+    decided[0, CONDITIONS.index('Cardiomegaly')] = True                  # the head agrees on report 1
+    decided[1, CONDITIONS.index('Cardiomegaly')] = True                  # and sees a heart report 2 does not state
+    decided[1, CONDITIONS.index('Pleural Effusion')] = True
+    decided[2, CONDITIONS.index('No Finding')] = True
+    result = agreement(stated, decided)
+    assert result['Cardiomegaly'] == pytest.approx(2 / 3)
+    assert result['Pleural Effusion'] == 1.0
+    assert result['overall'] == pytest.approx(1 - 1 / (3 * len(CONDITIONS)))
