@@ -267,6 +267,19 @@ def check_context(context, config, source):
     return trained if context is None else bool(context)
 
 
+def check_diagnosis(diagnosis, config, source):
+    """Whether the decoder's prompt states the 14 decisions (diagnosis_prompt) for a checkpoint
+    whose run config is `config`: its own setting for None. A setting that differs from how
+    it was trained is an error naming `source`: the decoder learned to write with that slot,
+    or never saw it."""
+    trained = bool(config.get('diagnosis_prompt', False))
+    if diagnosis is not None and bool(diagnosis) != trained:
+        raise ValueError(f"{source} was trained {'with' if trained else 'without'} diagnosis_prompt, so "
+                         f"diagnosis_prompt={bool(diagnosis)} does not fit it: leave the setting out (it follows the "
+                         f"checkpoint), or use a run trained {'without' if trained else 'with'} it")
+    return trained
+
+
 def decode_reports(tok, ids, n_prompt, prompt):
     """The reports in generate's output (B, T): what follows the n_prompt prompt positions,
     behind the section prompt. The indication is input, never part of the report."""

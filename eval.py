@@ -18,6 +18,11 @@ It reports:
 - the aux head's ROC-AUC per condition (and a ROC PNG); BERTScore with a local model;
 - per condition, the reports' clinical F1 (model and retrieval) beside the aux head's AUC:
   a condition the queries know (high AUC) that the decoder does not write (low F1) shows;
+- faithfulness: per condition the reports' F1, the aux head's F1 at its thresholds (chosen on
+  val by train.py; 0.5 where none were, and it says so) and how often the report states what
+  the head decided, present or absent; one overall agreement figure;
+- with oracle=True, for a diagnosis_prompt checkpoint, the reports written with the
+  reference's labels in the slot: the ceiling of the decoder given perfect eyes, not a result;
 - baselines scored the same way: the most frequent training report, and retrieval of
   the training report whose image is nearest (32 x 32 thumbnails, cosine);
 - on phantom data, grounding of each anatomical query in its region's box: the share of its
@@ -45,8 +50,8 @@ import data
 import hardware
 from chexpert import CONDITIONS, binarize, make_labeler
 from chexquery import GENERATION, load_checkpoint
-from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_metrics, clip, grounding,
-                     nlg_metrics, normalize, region_shares)
+from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_labels, clinical_metrics, clip,
+                     decide, faithfulness, grounding, nlg_metrics, normalize, region_shares)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                  # a training run: generate for `split` with its ckpt.safetensors
@@ -65,6 +70,8 @@ bertscore_layer = -1          # its hidden layer used for the token embeddings
 meteor15 = True               # the paper-style row's METEOR 1.5 (pycocoevalcap's Java jar, ~10 s to start)
 baselines = True
 context = None                # None: as the checkpoint was trained (with context: both ways, an A/B table); True, False
+diagnosis_prompt = None       # None: as the checkpoint was trained; True or False must match it
+oracle = False                # diagnosis_prompt: also write with the reference labels in the slot (a ceiling)
 section = ''                  # predictions mode: score one section ('findings', 'impression') of both reports
 device = 'auto'
 cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
@@ -122,15 +129,21 @@ def baseline_reports(data_dir, test_records, target='both'):
 
 # --- predictions ------------------------------------------------------------------------------
 def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size=16, max_samples=0,
-                         cpu_kernels=True, context=None, **generation):
+                         cpu_kernels=True, context=None, diagnosis=None, oracle=False, **generation):
     """Runs a run's checkpoint over a split, with the indication ahead of the prompt or not
-    (context None: as it was trained); returns the prediction records and the run config."""
+    (context None: as it was trained) and, for a diagnosis_prompt checkpoint, the aux head's
+    decisions in the slot (oracle: the reference's labels, binarized as in training); returns
+    the prediction records and the run config."""
     dev = hardware.resolve_device(device)
     model, meta = load_checkpoint(ckpt or run_dir, dev, merge_lora=True)
     if dev == 'cpu' and cpu_kernels:
         hardware.use_cpu_kernels(model)
     cfg, tok = meta['config'], data.run_tokenizer(meta['config'])
     context, target = data.check_context(context, cfg, ckpt or run_dir), cfg.get('target', 'both')
+    diagnosis, thresholds = data.check_diagnosis(diagnosis, cfg, ckpt or run_dir), meta.get('thresholds')
+    if oracle and not diagnosis:
+        raise ValueError(f"oracle=True puts the reference labels in the diagnosis slot, but {ckpt or run_dir} was "
+                         f"trained without diagnosis_prompt")
     ds = data.ReportDataset(cfg['data_dir'], split_name, tok, model.cfg.image_size, train=False, target=target,
                             context=context, max_len=cfg['max_len'], uncertain=cfg['uncertain'])
     if ds.left_out:
@@ -144,24 +157,32 @@ def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size
         if b is None:
             continue
         indications = [by_id[k].get('indication', '') if context else '' for k in b['ids']]
-        prompts, mask = data.prompt_batch(tok, ds.prompt, indications)
         with torch.no_grad():
             enc = model.encode(b['image'].to(dev), return_attention=True)  # once, for report and probabilities
+        probs = enc['cond_logits'].float().sigmoid().cpu().numpy()
+        decisions = decide(probs, thresholds)
+        slots = None if not diagnosis else (b['cond_labels'] > 0.5).tolist() if oracle else decisions.tolist()
+        prompts, mask = data.prompt_batch(tok, ds.prompt, indications, slots)
+        with torch.no_grad():
             ids = model.generate(None, prompts.to(dev), visual_tokens=enc['visual_tokens'], prompt_mask=mask,
                                  **generation)
-        probs = enc['cond_logits'].float().sigmoid().cpu().numpy()
         attention = enc['attention'].float().cpu().numpy()
         for i, (k, hyp) in enumerate(zip(b['ids'], data.decode_reports(tok, ids, prompts.shape[1], ds.prompt))):
             r = by_id[k]
             rec = dict(id=k, reference=data.target_text(r, target), hypothesis=hyp, probabilities=probs[i].round(5).tolist(),
+                       decisions=decisions[i].astype(int).tolist(), thresholds_chosen=thresholds is not None,
                        labels=r['labels'], image=r['image'], target=target, context=context)
+            if diagnosis:
+                rec['diagnosis'] = 'reference labels (oracle)' if oracle else 'aux head'
             if indications[i]:
                 rec['indication'] = indications[i]  # input, kept apart: never in the reference or the hypothesis
             if r.get('regions'):
                 rec['grounding'] = region_shares(attention[i], r['regions'])
             records.append(rec)
     print(f"generated {len(records)} reports for {cfg['data_dir']} {split_name} ({n - len(records)} images skipped), "
-          f"target {target}, context {'on' if context else 'off'}")
+          f"target {target}, context {'on' if context else 'off'}, diagnosis prompt "
+          f"{('from the reference labels (the oracle)' if oracle else 'from the aux head') if diagnosis else 'off'}; "
+          + ("per-condition thresholds chosen on val" if thresholds else "no thresholds were chosen: 0.5 for all"))
     return records, cfg
 
 
@@ -226,6 +247,11 @@ def score(records, train_dir='', uncertain='positive', chexbert='', bert='', ber
         aucs = auc_per_condition(targets, probs)
         valid = [a for a in aucs if a == a]
         metrics['aux_auc'] = dict(zip(CONDITIONS, aucs), mean=float(np.mean(valid)) if valid else float('nan'))
+    if all('decisions' in r for r in records):
+        kept, true, stated = clinical_labels(refs, hyps, label, uncertain)
+        decided = np.array([records[i]['decisions'] for i in kept], dtype=bool).reshape(-1, len(CONDITIONS))
+        metrics['faithfulness'] = dict(faithfulness(true, stated, decided),
+                                       thresholds_chosen=all(r.get('thresholds_chosen', False) for r in records))
     g = grounding(records)
     if g:
         metrics['grounding'] = g
@@ -275,6 +301,23 @@ def clinical_table(metrics):
     return lines
 
 
+def faithfulness_table(f):
+    """Per condition: the reports' F1, the head's F1 at its thresholds, and how often the report
+    states what the head decided; '<' marks a condition the head finds (F1 >= 0.5) that the
+    reports state at less than 0.8 of the head's F1."""
+    lines = ["faithfulness: does the report say what the model's own aux head decided? (the head at its "
+             + ("per-condition thresholds chosen on val)" if f['thresholds_chosen'] else "default 0.5: no thresholds "
+                "were chosen)"),
+             f"{'per condition':<28}{'F1 report':>10}{'F1 head':>9}{'agree':>8}"]
+    for c in CONDITIONS:
+        v = f[c]
+        gap = v['head_f1'] >= 0.5 and v['report_f1'] < 0.8 * v['head_f1']
+        lines.append(f"{c:<28}{v['report_f1']:>10.3f}{v['head_f1']:>9.3f}{v['agreement']:>8.3f}" + ('  <' if gap else ''))
+    lines.append(f"agreement of report and head over all conditions: {f['agreement']:.4f}; the head alone: "
+                 f"micro-14 F1 {f['head_micro14_f1']:.4f}, macro-14 {f['head_macro14_f1']:.4f}")
+    return lines
+
+
 def grounding_table(g):
     lines = ["grounding of the anatomical queries: the share of the attention inside the region's box, beside the",
              "box's share of the image (uniform attention); pointing: how often the attention peak touches the box,",
@@ -320,6 +363,8 @@ def table(metrics):
     lines += [''] + condition_table(metrics)
     if 'aux_auc' in metrics:
         lines.append(f"aux head ROC-AUC mean {metrics['aux_auc']['mean']:.4f}")
+    if 'faithfulness' in metrics:
+        lines += [''] + faithfulness_table(metrics['faithfulness'])
     if 'grounding' in metrics:
         lines += [''] + grounding_table(metrics['grounding'])
     return '\n'.join(lines)
@@ -350,8 +395,13 @@ def combine_seeds(paths, split_name):
 # The numbers --seeds prints: (name, key in the flattened metrics JSON).
 HEADLINE = (('clinical F1 micro-14', 'systems.model.clinical.micro14.f1'),
             ('clinical F1 macro-14', 'systems.model.clinical.macro14.f1'),
+            ('clinical F1 micro-5', 'systems.model.clinical.micro5.f1'),
+            ('example-based F1', 'systems.model.clinical.example.f1'),
+            ('agreement of report and head', 'faithfulness.agreement'),
             ('aux AUC mean', 'aux_auc.mean'),
             ('BLEU-4', 'systems.model.nlg.bleu4'),
+            ('BLEU-4 (pycocoevalcap)', 'systems.model.nlg.coco.bleu4'),
+            ('CIDEr-D', 'systems.model.nlg.coco.cider'),
             ('grounding share', 'grounding.mean.share'),
             ('grounding pointing', 'grounding.mean.pointing'))
 
@@ -370,17 +420,19 @@ AB_ROWS = (('BLEU-1', 'systems.model.nlg.coco.bleu1'), ('BLEU-4', 'systems.model
            ('clinical F1 macro-14', 'systems.model.clinical.macro14.f1'),
            ('clinical F1 micro-5', 'systems.model.clinical.micro5.f1'),
            ('clinical F1 macro-5', 'systems.model.clinical.macro5.f1'),
+           ('example-based F1', 'systems.model.clinical.example.f1'),
+           ('agreement', 'faithfulness.agreement'),
            ('aux AUC mean', 'aux_auc.mean'))
 
 
-def ab_table(on, off):
-    """Context ON vs OFF for one checkpoint on one split: every headline metric side by side."""
+def ab_table(on, off, title="clinical context A/B (one checkpoint, the same images; the aux head does not read "
+                            "the context)", names=('context ON', 'OFF')):
+    """Two ways of writing with one checkpoint on one split: every headline metric side by side."""
     on, off = flatten(on), flatten(off)
-    lines = ["clinical context A/B (one checkpoint, the same images; the aux head does not read the context)",
-             f"{'metric':<24}{'context ON':>12}{'OFF':>10}{'ON - OFF':>10}"]
+    lines = [title, f"{'metric':<24}{names[0]:>12}{names[1]:>10}{'difference':>12}"]
     for name, k in AB_ROWS:
         a, b = on.get(k), off.get(k)
-        lines.append(f"{name:<24}{fmt(a):>12}{fmt(b):>10}{fmt(a - b if a is not None and b is not None else None, '+.4f'):>10}")
+        lines.append(f"{name:<24}{fmt(a):>12}{fmt(b):>10}{fmt(a - b if a is not None and b is not None else None, '+.4f'):>12}")
     return '\n'.join(lines)
 
 
@@ -401,9 +453,9 @@ def score_and_write(records, stem, train_dir, target):
     return metrics
 
 
-def generate_and_score(context, suffix=''):
+def generate_and_score(context, suffix='', oracle=False):
     records, cfg = generate_predictions(out_dir, split, ckpt, device, batch_size, max_samples, cpu_kernels, context,
-                                        **{k: globals()[k] for k in GENERATION})
+                                        diagnosis_prompt, oracle, **{k: globals()[k] for k in GENERATION})
     with open(os.path.join(out_dir, f'predictions_{split}{suffix}.jsonl'), 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in records)
     return score_and_write(records, os.path.join(out_dir, f'metrics_{split}{suffix}'), cfg['data_dir'],
@@ -426,6 +478,13 @@ def main():
             text = ab_table(metrics, off)
             print('\n' + text)
             with open(os.path.join(out_dir, f'metrics_{split}_ab.txt'), 'w') as f:
+                f.write(text + '\n')
+        if oracle:  # the same checkpoint with the reference's labels in the slot: the decoder's ceiling
+            ceiling, _ = generate_and_score(context, '_oracle', oracle=True)
+            text = ab_table(ceiling, metrics, "diagnosis prompt: the reference's labels in the slot (ORACLE: a ceiling "
+                            "given perfect eyes, not a result) beside the aux head's decisions", ('oracle', 'head'))
+            print('\n' + text)
+            with open(os.path.join(out_dir, f'metrics_{split}_oracle.txt'), 'w') as f:
                 f.write(text + '\n')
     else:
         sys.exit("give --out_dir=RUN (generate and score), --predictions=FILE.jsonl or --seeds=RUN1,RUN2")

@@ -333,21 +333,39 @@ def example_scores(true, pred):
                 no_positives=int((tp + fp + fn == 0).sum()))
 
 
-def clinical_metrics(refs, hyps, label, uncertain='positive'):
-    """Clinical efficacy: `label` (a labeler: list of texts -> 14-lists of 1/0/-1/None) on
-    both sides, uncertain counted as `uncertain`, on the same pairs as nlg_metrics: clipped,
-    those with an empty reference left out. An empty hypothesis states no condition (not even
-    No Finding, which the labeler would give a text that mentions nothing)."""
-    keep = [i for i, r in enumerate(refs) if normalize(clip(r))]
-    refs, hyps = [clip(refs[i]) for i in keep], [clip(hyps[i]) for i in keep]
+def clinical_labels(refs, hyps, label, uncertain='positive'):
+    """(kept, true, pred): the indices of the pairs with a reference, and binary (N, 14) labels of
+    their references and reports: `label` (a labeler: list of texts -> 14-lists of 1/0/-1/None)
+    on both sides, clipped, uncertain counted as `uncertain`. An empty report states no
+    condition (not even No Finding, which the labeler would give a text that mentions nothing)."""
+    kept = [i for i, r in enumerate(refs) if normalize(clip(r))]
+    refs, hyps = [clip(refs[i]) for i in kept], [clip(hyps[i]) for i in kept]
     said = [i for i, h in enumerate(hyps) if normalize(h)]
     true = [binarize(x, uncertain) for x in label(refs)]
     pred = [[0.0] * len(CONDITIONS) for _ in hyps]
     for i, x in zip(said, label([hyps[i] for i in said])):
         pred[i] = binarize(x, uncertain)
-    true, pred = np.reshape(true, (-1, len(CONDITIONS))), np.reshape(pred, (-1, len(CONDITIONS)))
+    return kept, np.reshape(true, (-1, len(CONDITIONS))) > 0.5, np.reshape(pred, (-1, len(CONDITIONS))) > 0.5
+
+
+def clinical_metrics(refs, hyps, label, uncertain='positive'):
+    """Clinical efficacy on the same pairs as nlg_metrics (clipped, those with an empty reference
+    left out): clinical_scores and example_scores of clinical_labels."""
+    _, true, pred = clinical_labels(refs, hyps, label, uncertain)
     return dict(clinical_scores(true, pred), example=example_scores(true, pred),
                 uncertain_policy=f"uncertain counted as {uncertain}")
+
+
+def faithfulness(true, stated, decided):
+    """Whether the reports say what the model sees, from binary (N, 14) arrays: the references'
+    labels, what the reports state (the labeler) and what the model's own aux head decided. Per
+    condition: the reports' F1 and the head's F1 against the reference, and the agreement of
+    report and head; 'agreement': over all N x 14 pairs."""
+    report, head, same = clinical_scores(true, stated), clinical_scores(true, decided), agreement(stated, decided)
+    out = {c: dict(report_f1=report[c]['f1'], head_f1=head[c]['f1'], agreement=same[c], positives=report[c]['positives'])
+           for c in CONDITIONS}
+    return dict(out, agreement=same['overall'], head_micro14_f1=head['micro14']['f1'],
+                head_macro14_f1=head['macro14']['f1'])
 
 
 def best_thresholds(targets, probs):
@@ -370,9 +388,10 @@ def best_thresholds(targets, probs):
     return out
 
 
-def decide(probs, thresholds):
-    """(N, 14) decisions: probs at or above each condition's threshold (0.5 where it is None)."""
-    thresholds = np.array([0.5 if t is None else t for t in thresholds])
+def decide(probs, thresholds=None):
+    """(N, 14) decisions: probs at or above each condition's threshold (0.5 where it is None, and
+    for all without thresholds)."""
+    thresholds = np.array([0.5 if t is None else t for t in thresholds or [None] * np.shape(probs)[-1]])
     return np.asarray(probs) >= thresholds
 
 

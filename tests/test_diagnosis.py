@@ -116,3 +116,22 @@ def test_agreement_counts_what_the_reports_state_against_the_heads_decisions():
     assert result['Cardiomegaly'] == pytest.approx(2 / 3)
     assert result['Pleural Effusion'] == 1.0
     assert result['overall'] == pytest.approx(1 - 1 / (3 * len(CONDITIONS)))
+
+
+def test_eval_scores_faithfulness_from_the_decisions_in_the_predictions():
+    import eval as ev
+    effusion, clear = 'Findings: Small left pleural effusion. | Impression: Effusion.', 'Findings: The lungs are clear.'
+    effusion_only = [c == 'Pleural Effusion' for c in CONDITIONS]
+    records = [dict(id=str(i), reference=effusion, hypothesis=effusion if i < 4 else clear,
+                    decisions=[int(d) for d in effusion_only], thresholds_chosen=True) for i in range(6)]
+    m = ev.score(records)
+    f = m['faithfulness']
+    assert f['Pleural Effusion']['head_f1'] == 1.0                      # the head saw all six
+    assert f['Pleural Effusion']['report_f1'] == pytest.approx(2 * 4 / (2 * 4 + 2))
+    assert f['Pleural Effusion']['agreement'] == pytest.approx(4 / 6)   # two reports leave it out
+    # the clear reports state No Finding, which the head did not decide, and miss the effusion it did:
+    # 2 of 14 conditions disagree in 2 of 6 reports
+    assert [c for c, y in zip(CONDITIONS, label_report(clear)) if y == 1] == ['No Finding']
+    assert f['agreement'] == pytest.approx(1 - 4 / (6 * len(CONDITIONS)))
+    text = ev.table(m)
+    assert 'faithfulness' in text and f"{f['agreement']:.4f}" in text
