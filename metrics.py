@@ -62,9 +62,12 @@ def tokenize(text):
 
 
 def coco_text(text):
-    """The R2Gen convention: lowercase, punctuation split off as its own tokens (markers dropped)."""
-    text = re.sub(r'findings\s*:|impression\s*:|\|', ' ', (text or '').lower())
-    return ' '.join(re.findall(r"\w+|[^\w\s]", text))
+    """The R2Gen convention: lowercase, punctuation split off as its own tokens, our 'Findings:',
+    'Impression:' and '|' markers dropped with the spaces around them. Other spacing stays as it
+    is: pycocoevalcap's ROUGE-L splits on single spaces, so a repeated, leading or trailing space
+    is an (empty) token there; on text already in this form coco_text changes nothing."""
+    parts = re.split(r'\s*(?:findings\s*:|impression\s*:|\|)\s*', (text or '').lower())
+    return re.sub(r'(?<=\S)(?=[^\w\s])|(?<=[^\w\s])(?=\S)', ' ', ' '.join(p for p in parts if p))
 
 
 # --- NLG metrics ----------------------------------------------------------------------------
@@ -139,8 +142,9 @@ def lcs(a, b):
 
 
 def coco_rouge_l(refs, hyps, beta=1.2):
-    """pycocoevalcap's ROUGE-L: LCS-based F with beta 1.2, averaged over pairs (an empty
-    hypothesis: 0, as pycocoevalcap gives it)."""
+    """pycocoevalcap's ROUGE-L: LCS-based F with beta 1.2 on tokens split at single spaces,
+    averaged over pairs. As in pycocoevalcap, '' is one empty token, which matches an empty
+    token of the other text (a repeated, leading or trailing space)."""
     scores = []
     for ref, hyp in zip(refs, hyps):
         r, h = ref.split(' '), hyp.split(' ')
@@ -216,9 +220,10 @@ class Meteor15:
         of one-line texts, or None when unavailable."""
         if self.proc is None:
             return None
+        def line(text):  # one line for the jar, whose tokens do not depend on the spacing
+            return ' '.join(text.replace('|||', '').split())
         try:
-            stats = [self.ask(' ||| '.join(('SCORE', r.replace('|||', ''), h.replace('|||', ''))))
-                     for r, h in zip(refs, hyps)]
+            stats = [self.ask(' ||| '.join(('SCORE', line(r), line(h)))) for r, h in zip(refs, hyps)]
             self.ask('EVAL ||| ' + ' ||| '.join(stats))       # first the score of each pair ...
             for _ in range(len(refs) - 1):
                 self.proc.stdout.readline()
@@ -284,7 +289,10 @@ def nlg_metrics(refs, hyps, bertscore_model='', bertscore_layer=-1, meteor15=Non
     out = dict(bleu(rt, ht), rouge_l=rouge_l(r, h))
     out['meteor'], out['meteor_synonyms'] = meteor(rt, ht)
     cr, ch = [coco_text(x) for x in raw_r], [coco_text(x) if y else '' for x, y in zip(raw_h, h)]
-    out['coco'] = dict(coco_bleu(cr, ch), rouge_l=coco_rouge_l(cr, ch), cider=coco_cider(cr, ch))
+    # an empty hypothesis scores 0 here too, though pycocoevalcap's ROUGE-L would match its
+    # empty token to one a repeated space leaves in the reference
+    rouge = float(np.mean([coco_rouge_l([a], [b]) if b else 0.0 for a, b in zip(cr, ch)]))
+    out['coco'] = dict(coco_bleu(cr, ch), rouge_l=rouge, cider=coco_cider(cr, ch))
     m = meteor15.score(cr, ch) if meteor15 is not None else None
     if m is not None:
         out['coco']['meteor'] = m

@@ -23,6 +23,32 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# --- the tiny model and a batch for it --------------------------------------------------
+S, V = 64, 64  # the tiny model's image size (a 4 x 4 patch grid) and vocabulary
+
+
+def tiny(image_size=S, **config):
+    """The tiny CheXQuery, random weights from seed 0: every call builds the same model."""
+    import torch
+    from chexquery import CheXQuery, tiny_config
+    torch.manual_seed(0)
+    return CheXQuery(tiny_config(vocab_size=V, image_size=image_size, **config))
+
+
+def batch(B=2, T=10, seed=0, image_size=S):
+    """(images, decoder_input_ids, labels, cond_labels) for tiny(): random images and tokens,
+    the first two label positions a prompt (-100), random 0/1 condition labels."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, image_size, image_size, generator=g)
+    tokens = torch.randint(3, V, (B, T), generator=g)
+    decoder_input_ids = torch.cat([torch.zeros(B, 1, dtype=torch.long), tokens[:, :-1]], 1)
+    labels = tokens.clone()
+    labels[:, :2] = -100
+    cond = torch.randint(0, 2, (B, 14), generator=g).float()
+    return images, decoder_input_ids, labels, cond
+
+
 @pytest.fixture(scope='session')
 def phantom_dir(tmp_path_factory):
     """A small phantom set (64 px) in the prepared format, made once per test session."""

@@ -1,25 +1,13 @@
 """hardware.py: device and dtype resolution, and the opt-in CPU kernels, which must give
 the model's results (to fp32 rounding) by another path."""
+import ctypes
+import os
+
 import pytest
 import torch
 
 import hardware
-from chexquery import CheXQuery, tiny_config
-
-S, V = 64, 64
-
-
-def tiny():
-    torch.manual_seed(0)
-    return CheXQuery(tiny_config(vocab_size=V, image_size=S))
-
-
-def batch(B=2, T=10):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(B, 3, S, S, generator=g)
-    tokens = torch.randint(3, V, (B, T), generator=g)
-    decoder_input_ids = torch.cat([torch.zeros(B, 1, dtype=torch.long), tokens[:, :-1]], 1)
-    return images, decoder_input_ids, tokens, torch.randint(0, 2, (B, 14), generator=g).float()
+from conftest import S, batch, tiny
 
 
 def test_device_and_dtype_resolution():
@@ -104,23 +92,54 @@ def test_generate_cache_kwarg_follows_the_transformers_rename():
         == ['past_key_values', 'past_key_values', 'cache', 'cache', 'cache', 'cache']
 
 
-def test_cpu_kernels_give_the_same_beams_as_the_plain_model():
+def test_cpu_kernels_give_the_same_beams_as_the_plain_model(monkeypatch):
     """The lean beam cache reorders the self-attention cache alone and the linears run on
     oneDNN: the beams and their scores are those of the plain model."""
+    monkeypatch.setattr(hardware, 'ONEDNN_MIN_MACS', 0)  # the tiny model's linears are below it
+    calls = dict(onednn=0, lean_cache=0)
+
+    def counted(name, f):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return f(*args, **kwargs)
+        return call
+    monkeypatch.setattr(hardware, '_onednn_mm', counted('onednn', hardware._onednn_mm))
+    monkeypatch.setattr(hardware, 'lean_beam_cache', counted('lean_cache', hardware.lean_beam_cache))
     plain, fast = tiny().eval(), hardware.use_cpu_kernels(tiny().eval())
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, S, S, generator=g)
     kw = dict(num_beams=4, num_return_sequences=4, no_repeat_ngram_size=0, min_length=24, max_length=24,
               output_scores=True, return_dict_in_generate=True)
-    ours, theirs = fast.generate(images, [0], **kw), plain.generate(images, [0], **kw)
+    theirs = plain.generate(images, [0], **kw)
+    assert calls == dict(onednn=0, lean_cache=0)
+    ours = fast.generate(images, [0], **kw)
+    assert calls['lean_cache'] == 1 and (calls['onednn'] > 100) == hardware.ONEDNN_AVAILABLE  # both ran
     assert torch.equal(ours.sequences, theirs.sequences)
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-4)
 
 
-def test_freed_memory_switches_report_whether_glibc_took_them():
-    """What they do to the process's memory is bench.py's to measure; here only that they run."""
-    assert hardware.keep_freed_memory() == (hardware.glibc() is not None)
+def resident_mb():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+@pytest.mark.skipif(hardware.glibc() is None or not os.path.exists('/proc/self/statm'), reason='glibc on Linux')
+def test_freed_memory_is_kept_until_released():
+    """After keep_freed_memory, a freed 64 MB block stays in the process (glibc would otherwise
+    unmap it at once); release_freed_memory hands it back to the OS."""
+    libc, size = hardware.glibc(), 64 * 2**20
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert hardware.keep_freed_memory()
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)  # touched: its pages are resident now
+    before = resident_mb()
+    libc.free(block)
+    kept = resident_mb()
     hardware.release_freed_memory()
+    released = resident_mb()
+    assert kept > before - 16, (before, kept)           # freed, but still the process's
+    assert released < kept - 48, (kept, released)      # back to the OS
 
 
 @needs_onednn

@@ -123,6 +123,62 @@ def test_coco_convention_equals_pycocoevalcap():
     assert metrics.coco_text('Heart, normal. | Impression: Clear!') == 'heart , normal . clear !'
 
 
+# Pairs already in the convention's form (lowercase, punctuation split off) with irregular spacing:
+# pycocoevalcap's ROUGE-L splits at single spaces, so each extra space is an empty token.
+SPACED = [
+    ('the heart  is normal .', 'the heart is normal .'),                       # a double space
+    ('no effusion . ', 'no effusion .'),                                       # a trailing space
+    (' no effusion .', 'no  effusion .  '),                                    # leading; double and trailing
+    ('lungs are clear .  no effusion .', 'lungs are clear .  no effusion .'),  # the same on both sides
+    ('mild  cardiomegaly .', ''),                                              # an empty hypothesis
+    ('heart size is normal .', '   '),                                         # spaces only
+]
+
+
+def spaced(text, i):
+    """text with every third space doubled, and a trailing space on every other i."""
+    words = text.split(' ')
+    return ''.join(w + (' ' if k % 3 else '  ') for k, w in enumerate(words[:-1])) + words[-1] + ' ' * (i % 2)
+
+
+def test_paper_style_rouge_l_counts_repeated_spaces_as_pycocoevalcap_does():
+    """Worked by hand: F = (1 + 1.2^2) P R / (R + 1.2^2 P) over tokens split at single spaces."""
+    f = lambda p, r: 2.44 * p * r / (r + 1.44 * p)
+    assert all(metrics.coco_text(x) == x for pair in SPACED for x in pair)  # the convention keeps the spacing
+    (r0, h0), (r1, h1), (r2, h2), (r3, h3), (r4, h4), _ = SPACED
+    assert metrics.coco_rouge_l([r0], [h0]) == pytest.approx(f(1, 5 / 6))  # 6 tokens: the, heart, '', is, normal, .
+    assert metrics.coco_rouge_l([r1], [h1]) == pytest.approx(f(1, 3 / 4))  # no, effusion, ., ''
+    assert metrics.coco_rouge_l([r2], [h2]) == pytest.approx(f(3 / 6, 3 / 4))  # LCS no effusion . of 6 and 4
+    assert metrics.coco_rouge_l([r3], [h3]) == 1
+    assert metrics.coco_rouge_l([r4], [h4]) == pytest.approx(f(1, 1 / 4))  # '' matches the reference's ''
+    m = metrics.nlg_metrics([r for r, _ in SPACED], [h for _, h in SPACED])
+    # the same in eval.py's row, but an empty hypothesis scores 0 there, as on every metric
+    assert m['coco']['rouge_l'] == pytest.approx((f(1, 5 / 6) + f(1, 3 / 4) + f(3 / 6, 3 / 4) + 1) / 6)
+    assert m['empty_hypotheses'] == 2
+
+
+def test_paper_style_row_equals_pycocoevalcap_on_raw_spacing():
+    pytest.importorskip('pycocoevalcap')
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    pairs = list(zip(*phantom_pairs(100)))
+    refs = [r for r, _ in SPACED] + [spaced(metrics.coco_text(r), i) for i, (r, _) in enumerate(pairs)]
+    hyps = [h for _, h in SPACED] + [spaced(metrics.coco_text(h), i + 1) if h else '' for i, (_, h) in enumerate(pairs)]
+    assert sum('  ' in r for r in refs) > 90 and sum(r.endswith(' ') for r in refs) > 40
+    gts, res = {i: [x] for i, x in enumerate(refs)}, {i: [x] for i, x in enumerate(hyps)}
+    theirs = Rouge().compute_score(gts, res)[1]
+    for r, h, want in zip(refs, hyps, theirs):  # every pair, the empty hypotheses too
+        assert metrics.coco_rouge_l([r], [h]) == pytest.approx(want, abs=1e-12), (r, h)
+    assert metrics.coco_rouge_l(refs, hyps) == pytest.approx(float(np.mean(theirs)), abs=1e-12)
+    m = metrics.nlg_metrics(refs, hyps)['coco']  # eval.py's row on these raw strings
+    said = [bool(h.strip()) for h in hyps]
+    assert m['rouge_l'] == pytest.approx(float(np.mean(theirs * said)), abs=1e-12)  # an empty one: 0
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert [m[f'bleu{k}'] for k in (1, 2, 3, 4)] == pytest.approx(bleu, abs=1e-12)
+    assert m['cider'] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-6)
+
+
 def test_meteor15_unavailable_is_said_never_replaced(monkeypatch):
     monkeypatch.setattr(shutil, 'which', lambda name: None)
     with metrics.Meteor15() as m15:
@@ -139,6 +195,7 @@ def test_meteor15_equals_pycocoevalcap():
     from pycocoevalcap.meteor.meteor import Meteor
     refs, hyps = phantom_pairs(60)
     r, h = [metrics.coco_text(x) for x in refs], [metrics.coco_text(x) for x in hyps]
+    r, h = r + [spaced(x, 1) for x in r[:5]], h + [spaced(x, 0) for x in h[:5]]  # the spacing changes nothing
     want, _ = Meteor().compute_score({i: [x] for i, x in enumerate(r)}, {i: [x] for i, x in enumerate(h)})
     with metrics.Meteor15() as m15:
         assert m15.score(r, h) == pytest.approx(want, abs=1e-12)

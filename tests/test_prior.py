@@ -13,21 +13,12 @@ import torch.nn.functional as F
 
 import chexquery
 from chexpert import ATLAS, CONDITIONS, REGIONS, check_atlas, read_atlas
-from chexquery import (CheXQuery, CheXQueryConfig, anatomical_prior_bias, load_checkpoint, load_weights,
+from chexquery import (CheXQueryConfig, anatomical_prior_bias, load_checkpoint, load_weights,
                        read_checkpoint, save_checkpoint, tiny_config)
-from conftest import train_in_process
+from conftest import S, V, batch, tiny, train_in_process
 
-S, V, C = 64, 64, len(CONDITIONS)  # 64 px: a 4 x 4 patch grid
+C = len(CONDITIONS)
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def tiny(size=S, **kw):
-    torch.manual_seed(0)
-    return CheXQuery(tiny_config(vocab_size=V, image_size=size, **kw))
-
-
-def images(B=2, size=S, seed=0):
-    return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def centres_inside(box, g):
@@ -62,7 +53,7 @@ def layer_maps(model, x):
 @pytest.mark.parametrize('size', [64, 128])
 def test_strict_gives_exactly_zero_attention_outside_the_region_in_every_layer(size):
     m = tiny(size, anatomical_prior='strict').eval()
-    enc, maps = layer_maps(m, images(size=size))
+    enc, maps = layer_maps(m, batch(image_size=size)[0])
     g = size // 16
     assert len(maps) == 2 and enc['attention'].shape == (2, 20, g * g)
     for j, region in enumerate(REGIONS):
@@ -74,14 +65,14 @@ def test_strict_gives_exactly_zero_attention_outside_the_region_in_every_layer(s
             assert (q[..., inside] > 0).all(), region
             torch.testing.assert_close(q.sum(-1), torch.ones_like(q.sum(-1)))
     # the SDPA path (training's) computes the same model
-    torch.testing.assert_close(m.encode(images(size=size))['visual_tokens'], enc['visual_tokens'],
+    torch.testing.assert_close(m.encode(batch(image_size=size)[0])['visual_tokens'], enc['visual_tokens'],
                                atol=1e-5, rtol=1e-5)
 
 
 def test_each_layer_gets_its_own_bias():
     m = tiny(anatomical_prior='strict').eval()
     m.attention_prior[1] = 0  # only the first layer is restricted now
-    _, (first, second) = layer_maps(m, images())
+    _, (first, second) = layer_maps(m, batch()[0])
     outside = m.attention_prior[0] == -math.inf                   # (20, N)
     assert outside.any() and (first[:, :, outside] == 0).all() and (second[:, :, outside] > 0).all()
 
@@ -95,7 +86,7 @@ def test_strict_keeps_the_nearest_patches_when_a_box_covers_no_patch_centre():
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1:3, 1:3] = True  # rows 0.375 and 0.625 (inside in y), the two columns either side of the box
     assert torch.equal(kept, expected.expand(2, 4, 4))
-    enc, maps = layer_maps(m, images())
+    enc, maps = layer_maps(m, batch()[0])
     spine = enc['attention'][:, C + REGIONS.index('spine')].view(2, 4, 4)
     assert torch.isfinite(enc['visual_tokens']).all() and torch.equal(spine[:, ~expected], torch.zeros(2, 12))
 
@@ -103,7 +94,7 @@ def test_strict_keeps_the_nearest_patches_when_a_box_covers_no_patch_centre():
 def test_strict_trains_with_finite_gradients():
     m = tiny(anatomical_prior='strict').train()
     m.set_phase(2, full_backbones=True)
-    out = m.encode(images())
+    out = m.encode(batch()[0])
     (out['visual_tokens'].pow(2).mean() + out['cond_logits'].mean()).backward()
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert m.anatomical_queries.grad.abs().sum() > 0
@@ -126,8 +117,8 @@ def test_soft_prior_sums_to_one_per_query_and_is_broader_in_the_first_layer():
         entropy = -(p[:, j] * p[:, j].log()).sum(-1)
         assert out1 > out2 + 0.05 and entropy[0] > entropy[1], (region, out1, out2, entropy)
     # it changes the attention: the anatomical queries look more inside their boxes than without it
-    enc_soft, _ = layer_maps(m.eval(), images(size=128))
-    enc_none, _ = layer_maps(tiny(128).eval(), images(size=128))
+    enc_soft, _ = layer_maps(m.eval(), batch(image_size=128)[0])
+    enc_none, _ = layer_maps(tiny(128).eval(), batch(image_size=128)[0])
     share = lambda enc, j: enc['attention'][:, C + j][:, torch.from_numpy(centres_inside(ATLAS[REGIONS[j]], 8))].sum(-1)
     assert all((share(enc_soft, j) > share(enc_none, j)).all() for j in range(6))
 
@@ -149,7 +140,7 @@ def test_sigma_formula_matches_the_constants():
 def test_condition_queries_are_not_affected(prior):
     m, plain = tiny(anatomical_prior=prior).eval(), tiny().eval()
     assert torch.equal(m.attention_prior[:, :C], torch.zeros(2, C, 16))
-    x = images()
+    x = batch()[0]
     (enc, maps), (enc0, maps0) = layer_maps(m, x), layer_maps(plain, x)
     # the same initial weights whatever the prior, so the ablation compares like with like
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), plain.state_dict().values()))
@@ -188,15 +179,13 @@ def old_layer_forward(self, queries, patches, return_attention=False):
 
 def run_all_paths(model, seed=1):
     """Outputs of both attention paths in eval mode, and a training step's (dropout) loss and grads."""
-    x, g = images(), torch.Generator().manual_seed(seed)
-    dec = torch.randint(3, V, (2, 8), generator=g)
-    cond = torch.randint(0, 2, (2, C), generator=g).float()
+    x, dec, labels, cond = batch(seed=seed)
     model.eval()
     with torch.no_grad():
-        outs = [model(x, dec, dec, cond, return_attention=r) for r in (False, True)]
+        outs = [model(x, dec, labels, cond, return_attention=r) for r in (False, True)]
     model.train()
     torch.manual_seed(seed)
-    out = model(x, dec, dec, cond)
+    out = model(x, dec, labels, cond)
     (out['loss_gen'] + out['loss_aux']).backward()
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
@@ -304,7 +293,7 @@ def test_a_checkpoint_saved_with_a_prior_loads_back_with_it(tmp_path):
     m2, _ = load_checkpoint(tmp_path)
     assert m2.cfg.anatomical_prior == 'strict' and m2.cfg.atlas == atlas
     assert torch.equal(m2.attention_prior, m.attention_prior)
-    x = images()
+    x = batch()[0]
     with torch.no_grad():
         a, b = m.encode(x, return_attention=True), m2.encode(x, return_attention=True)
     torch.testing.assert_close(a['visual_tokens'], b['visual_tokens'])
@@ -329,7 +318,6 @@ def test_train_carries_the_prior_from_phase_1_to_phases_2_and_3(phantom_dir, tmp
         code, printed = train_in_process(phantom_dir, outs[phase - 1], phase=phase, lambda_aux=0.5 if phase == 2 else 0,
                                          init_from=f'{outs[phase - 2]}/ckpt.safetensors', **common)
         assert code == 0, printed[-3000:]
-        assert "anatomical_prior='strict' from" in printed  # the checkpoint's prior, said so
     for out in outs:
         meta = read_checkpoint(out)[1]
         assert meta['model_config']['anatomical_prior'] == 'strict' and meta['model_config']['atlas'] == atlas
@@ -342,15 +330,29 @@ def test_train_carries_the_prior_from_phase_1_to_phases_2_and_3(phantom_dir, tmp
 
 
 def test_attention_grid_draws_each_anatomical_querys_box_when_a_prior_is_on():
-    import numpy as np
+    """20 panels of cell x cell; with an atlas, each anatomical query's panel gets its region's
+    box outline and nothing else changes."""
     from PIL import Image
-    from chexpert import ATLAS, CONDITIONS, REGIONS
     from heatmaps import attention_grid
-    image, attention = Image.new('L', (64, 64), 128), np.full((20, 64), 1 / 64)
-    cell, header = 160, 24
-    q = len(CONDITIONS)  # the first anatomical query's cell
-    x0, y0 = ATLAS[REGIONS[0]][:2]
-    at = (int((q % 5) * cell + x0 * cell), int(header + (q // 5) * (cell + 14) + 14 + y0 * cell))
-    with_box = np.asarray(attention_grid(image, attention, 0.5, 't', prior='strict', atlas=ATLAS))
-    without = np.asarray(attention_grid(image, attention, 0.5, 't'))
-    assert tuple(with_box[at[1], at[0]]) == (0, 200, 255) and tuple(without[at[1], at[0]]) != (0, 200, 255)
+    cell, header = 96, 24
+    image, attention = Image.new('L', (64, 64), 128), np.random.default_rng(0).random((20, 64))
+    boxed = np.asarray(attention_grid(image, attention, 0.5, 't', cell, prior='strict', atlas=ATLAS)).astype(int)
+    plain = np.asarray(attention_grid(image, attention, 0.5, 't', cell, prior='strict')).astype(int)
+    assert boxed.shape == plain.shape == (header + 4 * (14 + cell), 5 * cell, 3)
+    drawn = (boxed != plain).any(-1)
+    for q in range(20):
+        top, left = header + (q // 5) * (14 + cell) + 14, (q % 5) * cell  # the map below its 14 px label
+        panel = drawn[top:top + cell, left:left + cell].copy()
+        drawn[top:top + cell, left:left + cell] = False
+        if q < C:
+            assert not panel.any(), q
+            continue
+        ys, xs = np.nonzero(panel)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
+        box = np.array(ATLAS[REGIONS[q - C]]) * cell
+        assert np.abs(np.array([x0, y0, x1, y1]) - box).max() <= 1, (REGIONS[q - C], (x0, y0, x1, y1), box)
+        outline = np.zeros_like(panel)
+        outline[y0:y1 + 1, x0:x1 + 1] = True
+        outline[y0 + 1:y1, x0 + 1:x1] = False
+        assert np.array_equal(panel, outline), REGIONS[q - C]  # the box's outline, one pixel wide
+    assert not drawn.any()  # nothing outside the maps

@@ -75,7 +75,7 @@ def prepared(out):
 
 
 @pytest.mark.parametrize('form', ['flat', 'folder'])
-def test_iu_split_file_in_either_name_form(tmp_path, form, capsys):
+def test_iu_split_file_in_either_name_form(tmp_path, form):
     src = iu_raw(tmp_path / 'raw')
     nowhere = dict(id='CXR999_IM-9999', report='x', image_path=['CXR999_IM-9999/0.png'])
     ann = annotation(tmp_path / 'annotation.json', form, extra={'test': [nowhere]})
@@ -99,8 +99,6 @@ def test_iu_split_file_in_either_name_form(tmp_path, form, capsys):
     assert r5['indication'] == 'Cough 5.' and r5['labels'][EFFUSION] is None
     with Image.open(tmp_path / 'iu' / r5['image']) as im:
         assert im.size == (32, 40) and np.asarray(im).mean() == 50  # that study's own image
-    printed = capsys.readouterr().out
-    assert 'test: 3 items, 2 matched, 0 with no frontal image, 1 with no file at all' in printed
 
 
 def test_iu_references_from_the_file(tmp_path):
@@ -176,7 +174,7 @@ def test_iu_name_forms(name, key):
 
 
 # --- MIMIC-CXR -------------------------------------------------------------------------------
-def test_mimic_split_file(tmp_path, capsys):
+def test_mimic_split_file(tmp_path):
     from test_prepare import mimic_fixture
     src = tmp_path / 'mimic'
     src.mkdir()

@@ -42,7 +42,6 @@ def test_a_phantom_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tiny_run)
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
-    assert all(m['ms_per_iter'] > 0 and m['images_per_s'] > 0 for m in records if 'loss' in m)
     model, meta = load_checkpoint(os.path.join(tiny_run, 'ckpt.safetensors'))
     assert meta['phase'] == 2 and meta['iter_num'] == 30 and meta['config']['max_iters'] == 30
     assert meta['config']['dataset'] == 'phantom' and meta['val_loss'] == meta['best_val_loss']
