@@ -329,7 +329,6 @@ def bench_data(tmpdir):
     import numpy as np
     from PIL import Image
     import data
-    import prepare
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a data worker is one process on one core
     rng = np.random.default_rng(0)
@@ -337,7 +336,7 @@ def bench_data(tmpdir):
     full = (128 + 60 * np.sin(xx / 37) * np.cos(yy / 53) + rng.normal(0, 12, (2500, 2000))).clip(0, 255).astype(np.uint8)
     paths = {'prepared 448 px': os.path.join(tmpdir, 'prepared.png'), 'full size 2000x2500': os.path.join(tmpdir, 'full.png')}
     Image.fromarray(full).save(paths['full size 2000x2500'])
-    prepare.resize_copy((paths['full size 2000x2500'], paths['prepared 448 px'], 448))  # what prepare.py writes
+    data.resize_copy((paths['full size 2000x2500'], paths['prepared 448 px'], 448))  # what prepare.py writes
     transform, out = data.train_transform(384), {}
     for name, path in paths.items():
         n = data_samples if 'prepared' in name else max(3, data_samples // 10)

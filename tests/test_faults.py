@@ -140,10 +140,10 @@ def test_resume_with_settings_that_change_the_run_is_an_error(phantom_dir, tmp_p
 
 
 @pytest.mark.parametrize('setting', ['workers=-1', 'short_side=0'])
-def test_data_py_settings(tmp_path, monkeypatch, setting):
-    monkeypatch.setattr(sys, 'argv', ['data.py', '--dataset=iu_xray', f'--src={tmp_path}', f'--{setting}'])
+def test_prepare_py_settings(tmp_path, monkeypatch, setting):
+    monkeypatch.setattr(sys, 'argv', ['prepare.py', '--dataset=iu_xray', f'--src={tmp_path}', f'--{setting}'])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(ROOT, 'data.py'), run_name='__main__')
+        runpy.run_path(os.path.join(ROOT, 'prepare.py'), run_name='__main__')
     assert setting.split('=')[0] in str(e.value.code)
 
 
