@@ -35,7 +35,8 @@ from PIL import Image
 import data
 import hardware
 from chexpert import CONDITIONS
-from chexquery import GENERATION, load_checkpoint
+from checkpoint import load_checkpoint
+from chexquery import GENERATION
 from heatmaps import attention_grid
 
 # -----------------------------------------------------------------------------

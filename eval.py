@@ -44,7 +44,8 @@ import torch
 import data
 import hardware
 from chexpert import CONDITIONS, binarize, make_labeler
-from chexquery import GENERATION, load_checkpoint
+from checkpoint import load_checkpoint
+from chexquery import GENERATION
 from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_metrics, clip, grounding,
                      nlg_metrics, normalize, region_shares)
 

@@ -99,8 +99,8 @@ config = configure(globals(), sys.argv[1:])
 import data  # noqa: E402
 import hardware  # noqa: E402
 from chexpert import read_atlas  # noqa: E402
-from chexquery import (ANATOMICAL_PRIORS, CheXQuery, CheXQueryConfig, load_weights, read_checkpoint,  # noqa: E402
-                       save_checkpoint, tiny_config)
+from checkpoint import load_weights, param_table, read_checkpoint, save_checkpoint  # noqa: E402
+from chexquery import ANATOMICAL_PRIORS, CheXQuery, CheXQueryConfig, tiny_config  # noqa: E402
 from metrics import auc_per_condition, clinical_scores  # noqa: E402
 
 # the values, checked before anything divides by them -----------------------------
@@ -229,7 +229,7 @@ model.set_phase(phase, aux=lambda_aux > 0, full_backbones=full_backbones)
 model.to(device)
 if device_type == 'cpu' and cpu_kernels:
     hardware.use_cpu_kernels(model)
-log(model.param_report(full_backbones))
+log(param_table(model, full_backbones))
 
 train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, target=target, context=context,
                                context_dropout=context_dropout, max_len=max_len, uncertain=uncertain)
@@ -399,8 +399,8 @@ def cached_features(b):
 def compute_loss(m, b):
     features = cached_features(b) if cache_features else None
     out = m(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'], label_smoothing=label_smoothing,
-            features=features)
-    return lambda_gen * out['loss_gen'] + lambda_aux * out['loss_aux'], out
+            lambda_gen=lambda_gen, lambda_aux=lambda_aux, features=features)
+    return out['loss'], out
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import torch
 
 import data
 import prepare
-from chexquery import CheXQuery, read_checkpoint, save_checkpoint, tiny_config
+from checkpoint import read_checkpoint, save_checkpoint
+from chexquery import CheXQuery, tiny_config
 from conftest import ROOT, iu_fixture, read_metrics, run_script, tiny_train_args, train_in_process, train_losses, \
     write_csv
 
@@ -170,7 +171,8 @@ def test_stale_tmp_files_of_an_interrupted_save_are_removed_at_the_next_start(ph
 SAVE_LOOP = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from chexquery import CheXQuery, save_checkpoint, tiny_config
+from checkpoint import save_checkpoint
+from chexquery import CheXQuery, tiny_config
 torch.manual_seed(0)
 model = CheXQuery(tiny_config(vocab_size=512, image_size=64))
 extra = {{'optim/0/exp_avg': torch.randn(8_000_000)}}  # 32 MB more: a save takes ~45 ms

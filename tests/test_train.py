@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import chexquery
-from chexquery import load_checkpoint, read_checkpoint
+from checkpoint import load_checkpoint, read_checkpoint
 from conftest import read_metrics, run_script, tiny_train_args, train_in_process, train_losses
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -110,7 +110,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(phantom_dir, tmp
 
     def poison(n, result):
         if n == 2 or n >= 5:
-            result['loss_gen'] = result['loss_gen'] * float('nan')
+            result['loss'] = result['loss'] * float('nan')
     on_training_forward(monkeypatch, poison)
     code, printed = train_in_process(phantom_dir, out, max_iters=20, eval_interval=2, eval_iters=1,
                                      sample_reports=0, max_bad_steps=3)
