@@ -2,7 +2,7 @@
 How fast CheXQuery trains and writes reports, at the real size (SigLIP-base-patch16-384
 + Flan-T5-base shapes, random weights, nothing downloaded) and the tiny size. On the CPU
 every row is measured twice, side by side: plain PyTorch, and with
-hardware.use_cpu_kernels (what train.py, sample.py and eval.py switch on there).
+hardware.use_cpu_kernels (what the scripts' --cpu_kernels=True switches on there).
 
     python bench.py                       # both sizes; a table and bench.json
     python bench.py --size=tiny           # under a minute

@@ -68,7 +68,7 @@ baselines = True
 context = None                # None: as the checkpoint was trained (with context: both ways, an A/B table); True, False
 section = ''                  # predictions mode: score one section ('findings', 'impression') of both reports
 device = 'auto'
-cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
+cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linears, kept freed memory, lean beam cache)
 globals().update(GENERATION)  # num_beams, no_repeat_ngram_size, ... : the model's defaults, overridable here
 # -----------------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ def baseline_reports(data_dir, test_records, target='both'):
 
 # --- predictions ------------------------------------------------------------------------------
 def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size=16, max_samples=0,
-                         cpu_kernels=True, context=None, **generation):
+                         cpu_kernels=False, context=None, **generation):
     """Runs a run's checkpoint over a split, with the indication ahead of the prompt or not
     (context None: as it was trained); returns the prediction records and the run config."""
     dev = hardware.resolve_device(device)

@@ -88,7 +88,7 @@ device = 'auto'               # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                # 'auto': bf16 (or fp16) on CUDA, fp32 on CPU, where bf16 is slower
 compile = False               # torch.compile the training forward and backward (see "compile" below)
 seed = 1337
-cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
+cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linears, kept freed memory, lean beam cache)
 # -----------------------------------------------------------------------------
 if __name__ != '__main__':
     raise ImportError('train.py is a script: run it, do not import it')
