@@ -419,3 +419,24 @@ def collate(batch):
                 decoder_input_ids=pad([b['decoder_input_ids'] for b in good], batch_first=True, padding_value=0),
                 labels=pad([b['labels'] for b in good], batch_first=True, padding_value=-100),  # (B, T)
                 cond_labels=torch.stack([b['cond_labels'] for b in good]))                # (B, 14)
+
+
+class FeatureCache:
+    """Phase 1's frozen SigLIP outputs, kept after the first epoch: id -> (global (D,), patches
+    (N, D)), in float16 on the host to halve the memory. A dataset whose `cached` set holds an
+    id leaves that image undecoded (collate's has_image says which samples carry one)."""
+
+    def __init__(self):
+        self.features = {}
+
+    def __call__(self, b, encode, device):
+        """(global (B, D), patches (B, N, D)) for batch b: encode(images) for the images it
+        carries, which were not seen before, and the cache for the rest."""
+        if b['image'] is not None:
+            with torch.no_grad():  # SigLIP is frozen
+                g, p = encode(b['image'])
+            new = [k for k, has in zip(b['ids'], b['has_image']) if has]
+            for i, k in enumerate(new):
+                self.features[k] = (g[i].half().cpu(), p[i].half().cpu())
+        g, p = zip(*(self.features[k] for k in b['ids']))
+        return torch.stack(g).to(device).float(), torch.stack(p).to(device).float()

@@ -137,7 +137,8 @@ def test_phase1_feature_cache_matches_the_uncached_run(phantom_dir, tmp_path):
     for it in la:  # equal up to the float16 storage of the features
         assert abs(la[it] - lb[it]) <= 2e-3 * lb[it], (it, la[it], lb[it])
     with pytest.raises(ValueError, match='cache_features'):
-        train_in_process(phantom_dir, a, cache_features=True, phase=2)
+        train_in_process(phantom_dir, str(tmp_path / 'phase2'), cache_features=True, phase=2)
+    assert not (tmp_path / 'phase2').exists()  # checked before anything is written
 
 
 def test_cached_samples_are_not_decoded(phantom_dir):
