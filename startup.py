@@ -1,13 +1,15 @@
 """
-What train.py checks before it writes anything, so that a bad setting or a resume that
-would not continue the same run stops with nothing changed; and what a checkpoint to
-start from decides.
+What train.py checks before it writes anything, so that a bad setting, an out_dir holding
+another run's checkpoints, or a resume that would not continue the same run stops with
+nothing changed; and what a checkpoint to start from decides.
 
     check_settings(config, world_size)                   # values, before anything divides by them
+    check_out_dir(out_dir, init_from, overwrite)         # no other run's checkpoint replaced unasked
     settings_from_checkpoint(model_config, config)       # the checkpoint's architecture wins
     model_config(config, vocab_size, atlas)              # without a checkpoint, the settings decide it
     check_resumable(meta, config, world_size)            # a resume continues the same run
 """
+import os
 
 from chexquery import ANATOMICAL_PRIORS, CheXQueryConfig, tiny_config
 
@@ -15,6 +17,7 @@ AT_LEAST_1 = ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log
               'max_bad_steps', 'image_size')
 AT_LEAST_0 = ('max_iters', 'eval_iters', 'sample_reports', 'num_workers', 'warmup_iters', 'min_lr', 'weight_decay',
               'grad_clip', 'label_smoothing', 'lambda_gen', 'lambda_aux')
+CHECKPOINTS = ('ckpt.safetensors', 'last.safetensors')  # what a run writes into its out_dir
 
 
 def check_settings(c, world_size):
@@ -45,14 +48,39 @@ def check_settings(c, world_size):
                          f"{world_size} processes, so the effective batch stays the same")
 
 
+def is_inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_out_dir(out_dir, init_from, overwrite):
+    """A new run (init_from 'scratch' or a checkpoint) must not replace the checkpoints another
+    run left in out_dir, nor start from a checkpoint inside its own out_dir, unless overwrite
+    is set. Raises FileExistsError naming the file; touches nothing."""
+    if init_from == 'resume' or overwrite:
+        return
+    held = [os.path.join(out_dir, name) for name in CHECKPOINTS if os.path.exists(os.path.join(out_dir, name))]
+    if held:
+        problem = f"{held[0]} holds another run's checkpoint, which this new run would replace"
+    elif init_from != 'scratch' and is_inside(init_from, out_dir):
+        problem = f"init_from={init_from} lies inside out_dir={out_dir}, where this new run writes its checkpoints"
+    else:
+        return
+    raise FileExistsError(f"{problem}. Continue that run with --init_from=resume, write this one to another "
+                          f"--out_dir, or set --overwrite=True to replace its checkpoints and metrics.jsonl.")
+
+
 def settings_from_checkpoint(model_config, config):
     """{key: the checkpoint's value} for each setting its architecture fixes where config differs.
     model_config: the checkpoint's CheXQueryConfig. model_size follows from random ('tiny') or
-    pretrained ('base') backbones; the backbones' names mean something for pretrained ones only."""
+    pretrained ('base') backbones; the backbones' names and query_init mean something for
+    pretrained ones only."""
     own = dict(model_size='tiny' if model_config.text_config is not None else 'base',
-               image_size=model_config.image_size, anatomical_prior=model_config.anatomical_prior)
+               image_size=model_config.image_size, anatomical_prior=model_config.anatomical_prior,
+               n_anatomical_queries=model_config.n_anatomical_queries, learned_gate=model_config.learned_gate)
     if own['model_size'] == 'base':
-        own.update(vision_model=model_config.vision_model, text_model=model_config.text_model)
+        own.update(vision_model=model_config.vision_model, text_model=model_config.text_model,
+                   query_init=model_config.query_init)
     return {k: v for k, v in own.items() if config[k] != v}
 
 

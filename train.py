@@ -40,6 +40,7 @@ eval_iters = 0                # validation batches per evaluation; 0 = the whole
 sample_reports = 3            # decoded validation reports printed at each evaluation
 always_save_checkpoint = False  # also overwrite ckpt.safetensors when val loss did not improve
 init_from = 'scratch'         # 'scratch', 'resume' (out_dir/last.safetensors), or an earlier phase's checkpoint
+overwrite = False             # True: a new run may replace the checkpoints (and metrics.jsonl) in out_dir
 wandb_log = False
 wandb_project = 'chexquery'
 # data
@@ -54,7 +55,7 @@ uncertain = 'positive'        # uncertain CheXpert labels count as positive in t
 augment = True
 cache_features = False        # phase 1: keep SigLIP's outputs after the first epoch (turns augmentation off)
 num_workers = 2
-# model (a checkpoint in init_from brings its own: model_size, image_size and the backbones below are then its)
+# model (a checkpoint in init_from brings its own architecture: the settings below that describe it are then its)
 model_size = 'base'           # 'base': the pretrained backbones below; 'tiny': small random ones (phantom)
 vision_model = 'google/siglip-base-patch16-384'
 text_model = 'google/flan-t5-base'
@@ -109,6 +110,7 @@ import validation  # noqa: E402
 ddp = int(os.environ.get('RANK', -1)) != -1
 world_size = int(os.environ['WORLD_SIZE']) if ddp else 1
 startup.check_settings(config, world_size)
+startup.check_out_dir(out_dir, init_from, overwrite)
 atlas = read_atlas(anatomical_atlas) if anatomical_atlas and init_from == 'scratch' else None  # a bad file fails now
 
 # distributed setup -------------------------------------------------------------
@@ -135,6 +137,9 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     for name in resume.remove_interrupted_saves(out_dir):
         log(f"removed {out_dir}/{name}, left by an interrupted save")
+    if init_from != 'resume' and os.path.exists(metrics_path):  # a new run's log holds its own lines only
+        os.remove(metrics_path)
+        log(f"removed {metrics_path} of an earlier run")
 
 # the checkpoint to start from, which decides the architecture ---------------------
 init_path = os.path.join(out_dir, 'last.safetensors') if init_from == 'resume' else init_from
