@@ -268,7 +268,7 @@ def train_step(model, phase, B, dev, from_features=False, compiled=False):
         first = t3 - t0 if first is None else first
         # The first steps warm up kernels and the allocator: by default glibc maps fresh pages
         # for every tensor above its mmap threshold, which it raises only as big blocks are
-        # freed (at the real size, phase 2's second step once spent 8 s in page faults).
+        # freed (docs/performance.md).
         if i >= warmup_steps:
             times.append((t1 - t0, t2 - t1, t3 - t2))
     share = cpu.stop()

@@ -242,7 +242,7 @@ from checkpoint import save_checkpoint
 from chexquery import CheXQuery, tiny_config
 torch.manual_seed(0)
 model = CheXQuery(tiny_config(vocab_size=512, image_size=64))
-extra = {{'optim/0/exp_avg': torch.randn(8_000_000)}}  # 32 MB more: a save takes ~45 ms
+extra = {{'optim/0/exp_avg': torch.randn(8_000_000)}}  # 32 MB more, so that a save takes a while
 for i in range(1, 10**6):
     print('saving', i, flush=True)
     save_checkpoint({path!r}, model, dict(iter_num=i), extra)
