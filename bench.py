@@ -2,7 +2,7 @@
 How fast CheXQuery trains and writes reports, at the real size (SigLIP-base-patch16-384
 + Flan-T5-base shapes, random weights, nothing downloaded) and the tiny size. On the CPU
 every row is measured twice, side by side: plain PyTorch, and with
-hardware.use_cpu_kernels (what train.py, sample.py and eval.py switch on there).
+hardware.use_cpu_kernels (what the scripts' --cpu_kernels=True switches on there).
 
     python bench.py                       # both sizes; a table and bench.json
     python bench.py --size=tiny           # under a minute
@@ -51,6 +51,15 @@ TRAINING = (('phase1', 1, False), ('phase2', 2, False), ('phase3', 3, False), ('
 GENERATION_BATCHES = (1, 16)
 SCHEDULE = ((1, 5), (2, 15), (3, 5))  # the methodology's (phase, epochs)
 IU_FRONTAL_IMAGES = 3818              # frontal rows of indiana_projections.csv, when the table is absent
+# The backbones at the real sizes, built with random weights exactly as google/siglip-base-patch16-384
+# and google/flan-t5-base are shaped (also the slow test of the model's dimension table)
+SIGLIP_BASE_384 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, image_size=384, patch_size=16,
+                       hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6)
+FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
+                    num_decoder_layers=12, num_heads=12, feed_forward_proj='gated-gelu',
+                    dropout_rate=0.1, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
 class Timer:
@@ -211,7 +220,7 @@ def generation_flops_per_report(model, beams, new_tokens):
 
 def build(which, dev):
     """The real- or tiny-size model, seeded: every column starts from the same weights."""
-    from chexquery import CheXQuery, CheXQueryConfig, SIGLIP_BASE_384, FLAN_T5_BASE, tiny_config
+    from chexquery import CheXQuery, CheXQueryConfig, tiny_config
     torch.manual_seed(0)
     cfg = (CheXQueryConfig(vision_config=SIGLIP_BASE_384, text_config=FLAN_T5_BASE, query_init='random')
            if which == 'real' else tiny_config())
@@ -248,8 +257,8 @@ def train_step(model, phase, B, dev, from_features=False, compiled=False):
             cpu = CPUShare().start()
         t0 = t.now()
         out = run(None if from_features else b['images'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
-                  label_smoothing=0.1 if phase > 1 else 0.0, features=features)
-        loss = out['loss_gen'] + (0.3 * out['loss_aux'] if phase != 3 else 0)
+                  label_smoothing=0.1 if phase > 1 else 0.0, lambda_aux=0.3 if phase != 3 else 0.0, features=features)
+        loss = out['loss']
         t1 = t.now()
         loss.backward()
         t2 = t.now()
@@ -259,7 +268,7 @@ def train_step(model, phase, B, dev, from_features=False, compiled=False):
         first = t3 - t0 if first is None else first
         # The first steps warm up kernels and the allocator: by default glibc maps fresh pages
         # for every tensor above its mmap threshold, which it raises only as big blocks are
-        # freed (at the real size, phase 2's second step once spent 8 s in page faults).
+        # freed (docs/performance.md).
         if i >= warmup_steps:
             times.append((t1 - t0, t2 - t1, t3 - t2))
     share = cpu.stop()
@@ -329,7 +338,6 @@ def bench_data(tmpdir):
     import numpy as np
     from PIL import Image
     import data
-    import prepare
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a data worker is one process on one core
     rng = np.random.default_rng(0)
@@ -337,7 +345,7 @@ def bench_data(tmpdir):
     full = (128 + 60 * np.sin(xx / 37) * np.cos(yy / 53) + rng.normal(0, 12, (2500, 2000))).clip(0, 255).astype(np.uint8)
     paths = {'prepared 448 px': os.path.join(tmpdir, 'prepared.png'), 'full size 2000x2500': os.path.join(tmpdir, 'full.png')}
     Image.fromarray(full).save(paths['full size 2000x2500'])
-    prepare.resize_copy((paths['full size 2000x2500'], paths['prepared 448 px'], 448))  # what prepare.py writes
+    data.resize_copy((paths['full size 2000x2500'], paths['prepared 448 px'], 448))  # what prepare.py writes
     transform, out = data.train_transform(384), {}
     for name, path in paths.items():
         n = data_samples if 'prepared' in name else max(3, data_samples // 10)
@@ -361,7 +369,6 @@ def bench_lora_vs_peft(dev):
     import copy
     from transformers import SiglipVisionConfig, SiglipVisionModel
     import lora
-    from chexquery import SIGLIP_BASE_384
     torch.manual_seed(0)
     base = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_BASE_384)).to(dev).eval()
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)

@@ -53,10 +53,9 @@ def diagnosis_text(decisions):
 REGIONS = ('cardiac', 'left lung', 'right lung', 'mediastinum', 'diaphragm', 'spine')
 # The anatomical attention priors' atlas: one box [x0, y0, x1, y1] per region in image fractions
 # (x to the image's right, y down; 'left lung' is the patient's left, on the image's right).
-# Measured on the phantom train split (phantom.regions of its 3,000 cases, seed 1337): per region,
-# the 5% quantile of x0 and y0 and the 95% quantile of x1 and y1, rounded outward to 0.01. A
-# covering box, because the strict prior hides everything outside it: it holds over 99% of a
-# region's box on average (80% or more in every image), the whole box in 87-91% of the images.
+# From the phantom train split (phantom.regions): per region, the 5% quantile of x0 and y0 and the
+# 95% quantile of x1 and y1, rounded outward to 0.01. A covering box, because the strict prior hides
+# everything outside it (docs/priors.md says how well it covers).
 # Real data: an atlas file (read_atlas).
 ATLAS = {
     'cardiac': [0.34, 0.34, 0.78, 0.80],

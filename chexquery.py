@@ -14,11 +14,8 @@ Data flows top to bottom, and so does this file:
 D is SigLIP's width (768 for base). The T5 encoder is never run: the 11 visual
 tokens take the place of its output, so it is deleted.
 """
-import hashlib
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,24 +23,7 @@ import torch.nn.functional as F
 
 import lora
 from chexpert import ATLAS, CONDITIONS, REGIONS, check_atlas
-
-
-# Backbone configs at the real sizes, for building them with random weights
-# (tests, bench) exactly as google/siglip-base-patch16-384 and google/flan-t5-base.
-SIGLIP_BASE_384 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, image_size=384, patch_size=16,
-                       hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6)
-FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
-                    num_decoder_layers=12, num_heads=12, feed_forward_proj='gated-gelu',
-                    dropout_rate=0.1, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
-                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-# A tiny model for the phantom demo and the tests: the same architecture, CPU-sized.
-TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                   num_attention_heads=4, image_size=128, patch_size=16)
-TINY_TEXT = dict(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=2,
-                 num_decoder_layers=2, num_heads=4, feed_forward_proj='gated-gelu',
-                 dropout_rate=0.1, tie_word_embeddings=False,
-                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+from condition_vectors import condition_name_vectors
 
 
 ANATOMICAL_PRIORS = ('none', 'soft', 'strict')  # for the anatomical queries' cross-attention
@@ -140,53 +120,11 @@ def build_vision_encoder(cfg):
 # -----------------------------------------------------------------------------
 # 2. Queries: condition queries from a text model's view of the condition names
 
-def cache_stamp(path):
-    from safetensors import safe_open
-    with safe_open(path, 'pt') as f:
-        return (f.metadata() or {}).get('stamp', '')
-
-
-def condition_query_init(name, dim, cache_dir=None):
-    """(14, dim) initial condition queries: the [CLS] embedding of each CheXpert
-    condition name under a BERT-family model (BioBERT by default).
-
-    Computed once and cached as safetensors, so training never needs the text
-    model again. When the text model's width W differs from dim, the vectors go
-    through a fixed Gaussian random projection (W -> dim, seed 0), which keeps
-    their pairwise geometry (Johnson-Lindenstrauss); that is deterministic on
-    any machine because the projection is drawn on the CPU generator.
-    """
-    from safetensors.torch import load_file, save_file
-    if name.endswith('.safetensors'):
-        vectors = load_file(name)['condition_queries']
-    else:
-        cache_dir = cache_dir or os.environ.get('CHEXQUERY_CACHE', os.path.expanduser('~/.cache/chexquery'))
-        cache = os.path.join(cache_dir, f"condition_queries-{name.strip('/').replace('/', '--')}.safetensors")
-        # A local model can be retrained in place: the cache remembers its files' sizes and times
-        # and is recomputed when they change (and still used when the directory is gone).
-        stamp = ''
-        if os.path.isdir(name):
-            files = sorted((f, os.stat(os.path.join(name, f))) for f in os.listdir(name))
-            stamp = hashlib.sha256(repr([(f, s.st_size, s.st_mtime_ns) for f, s in files]).encode()).hexdigest()
-        if os.path.exists(cache) and (not stamp or stamp == cache_stamp(cache)):
-            vectors = load_file(cache)['condition_queries']
-        else:
-            from transformers import AutoModel, AutoTokenizer
-            try:
-                tok, text_model = AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name)
-            except (OSError, ValueError) as e:
-                raise OSError(f"query_init: could not load the text model '{name}' to embed the "
-                              f"condition names ({str(e).splitlines()[0]}). Point query_init at a local "
-                              f"directory of it, at a cached .safetensors, or use query_init='random'.") from None
-            text_model.eval()
-            with torch.no_grad():
-                batch = tok(list(CONDITIONS), padding=True, return_tensors='pt')
-                vectors = text_model(**batch).last_hidden_state[:, 0].float().contiguous()  # (14, W)
-            os.makedirs(cache_dir, exist_ok=True)
-            save_file({'condition_queries': vectors}, cache + '.tmp', metadata={'stamp': stamp})
-            os.replace(cache + '.tmp', cache)
-    if vectors.shape[0] != len(CONDITIONS):
-        raise ValueError(f"condition query init '{name}' has {vectors.shape[0]} rows, expected {len(CONDITIONS)}")
+def condition_query_init(name, dim):
+    """(14, dim) initial condition queries: each CheXpert condition name's [CLS] embedding under
+    a BERT-family model. A width W other than dim goes through a fixed Gaussian projection (seed 0
+    on the CPU generator, so the same anywhere), which keeps their pairwise geometry."""
+    vectors = condition_name_vectors(name)                                   # (14, W), cached
     if vectors.shape[1] != dim:
         g = torch.Generator().manual_seed(0)
         vectors = vectors @ (torch.randn(vectors.shape[1], dim, generator=g) / math.sqrt(dim))
@@ -215,13 +153,11 @@ class Attention(nn.Module):
         k = self.k(context).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
         v = self.v(context).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
         p = self.dropout if self.training else 0.0
-        if bias is not None:
-            bias = bias.to(q.dtype)  # SDPA wants a float mask in the queries' dtype (bf16 under autocast)
+        if bias is not None:  # SDPA wants a float mask in the queries' dtype (bf16 under autocast)
+            bias = bias.to(q.dtype)
         if return_attention:  # the explicit path, only to show the maps
-            scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)    # (B, H, Q, N)
-            if bias is not None:
-                scores = scores + bias
-            weights = scores.softmax(-1)                             # (B, H, Q, N)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)                 # (B, H, Q, N)
+            weights = (scores if bias is None else scores + bias).softmax(-1)   # (B, H, Q, N)
             out = F.dropout(weights, p) @ v
         else:
             weights, out = None, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
@@ -247,9 +183,8 @@ class CrossAttentionLayer(nn.Module):
         return x, weights
 
 
-# The soft prior's fall-off outside a region's box (image fractions), from the first
-# cross-attention layer's (broad: a patch 0.2 outside keeps 61% of the inside weight)
-# to the last one's (sharp: 0.1 outside keeps 14%), geometric in between.
+# The soft prior's fall-off (sigma, in image fractions) outside a region's box: broad in the
+# first cross-attention layer, sharp in the last, geometric in between.
 PRIOR_SIGMAS = (0.2, 0.05)
 
 
@@ -289,8 +224,7 @@ class GatedFusion(nn.Module):
         super().__init__()
         # learned_gate=False: a constant 0.5 mix, the ablation that asks what the gate is worth
         self.gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1)) if learned_gate else None
-        self.pool_queries = nn.Parameter(torch.empty(n_pool, dim))
-        nn.init.xavier_uniform_(self.pool_queries)
+        self.pool_queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_pool, dim)))
         self.pool = Attention(dim, n_heads, dropout)
         self.norm = nn.LayerNorm(dim)
 
@@ -388,16 +322,14 @@ class CheXQuery(nn.Module):
         self.t5 = build_decoder(cfg)
         d_model = self.t5.config.d_model
         self.proj = nn.Identity() if d_model == D else nn.Linear(D, d_model)
-        self.phase = None
         self.set_phase(1)
 
     # --- phases ---------------------------------------------------------------
     def trainable(self, name, phase, aux=True, full_backbones=False):
-        """Whether parameter `name` trains in `phase` (the methodology's tables).
-        aux=False freezes the auxiliary head, which gets no gradient without the
-        aux loss; phase 3 has none. full_backbones=True trains every backbone
-        weight wherever its LoRA would train: for backbones with random weights
-        (the phantom demo), which have nothing pretrained to keep."""
+        """Whether parameter `name` trains in `phase` (the methodology's tables). aux=False freezes
+        the auxiliary head, which gets no gradient without the aux loss; phase 3 has none.
+        full_backbones=True trains every backbone weight wherever its LoRA would train: for
+        random backbones (the phantom demo), which have nothing pretrained to keep."""
         adapted = 'lora_' in name or full_backbones
         if name.startswith('vision.'):
             return adapted and phase == 2
@@ -427,16 +359,13 @@ class CheXQuery(nn.Module):
         return self
 
     # --- the forward pass -------------------------------------------------------
-    def check_images(self, images):
+    def vision_features(self, images):
+        """(global (B, D), patches (B, N, D)). Runs under no_grad when SigLIP is
+        frozen, so none of its activations are kept."""
         S = self.cfg.image_size
         if not (torch.is_tensor(images) and images.dim() == 4 and tuple(images.shape[1:]) == (3, S, S)):
             got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"images must be a float tensor of shape (B, 3, {S}, {S}), got {got}")
-
-    def vision_features(self, images):
-        """(global (B, D), patches (B, N, D)). Runs under no_grad when SigLIP is
-        frozen, so none of its activations are kept."""
-        self.check_images(images)
         trains = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             out = self.vision(pixel_values=images)
@@ -451,9 +380,10 @@ class CheXQuery(nn.Module):
         B = patches.shape[0]
         queries = torch.cat([self.condition_queries, self.anatomical_queries])[None].expand(B, -1, -1)  # (B, 20, D)
         queries = queries.to(patches.dtype)
-        attention, prior = None, self.attention_prior                         # (layers, 20, N) or None
+        attention = None
         for i, layer in enumerate(self.cross_attention):
-            queries, attention = layer(queries, patches, return_attention, None if prior is None else prior[i])
+            bias = None if self.attention_prior is None else self.attention_prior[i]  # the anatomical prior
+            queries, attention = layer(queries, patches, return_attention, bias)
         cond_logits = self.aux_head(queries[:, :len(CONDITIONS)])            # (B, 14)
         visual_tokens, gate = self.fusion(global_token, queries)             # (B, 11, D), (B, 1)
         out = dict(visual_tokens=self.proj(visual_tokens), cond_logits=cond_logits, gate=gate)
@@ -461,8 +391,10 @@ class CheXQuery(nn.Module):
             out['attention'] = attention.mean(1)                             # (B, 20, N)
         return out
 
-    def forward(self, images=None, decoder_input_ids=None, labels=None, cond_labels=None,
-                label_smoothing=0.0, return_attention=False, features=None):
+    def forward(self, images=None, decoder_input_ids=None, labels=None, cond_labels=None, label_smoothing=0.0,
+                lambda_gen=1.0, lambda_aux=0.5, return_attention=False, features=None):
+        """encode's outputs, the decoder's logits (B, T, V) with decoder_input_ids, and with labels
+        and cond_labels the training loss: 'loss' = lambda_gen * 'loss_gen' + lambda_aux * 'loss_aux'."""
         out = self.encode(images, features, return_attention)
         if decoder_input_ids is not None:
             from transformers.modeling_outputs import BaseModelOutput
@@ -475,9 +407,11 @@ class CheXQuery(nn.Module):
                                                   ignore_index=-100, label_smoothing=label_smoothing)
         if cond_labels is not None:
             out['loss_aux'] = F.binary_cross_entropy_with_logits(out['cond_logits'].float(), cond_labels.float())
+            if 'loss_gen' in out:
+                out['loss'] = lambda_gen * out['loss_gen'] + lambda_aux * out['loss_aux']
         return out
 
-    @torch.inference_mode()  # not just no_grad: no autograd bookkeeping at all (~10% at batch 16 on CPU)
+    @torch.inference_mode()  # not just no_grad: no autograd bookkeeping at all, which is faster
     def generate(self, images, prompt_ids, visual_tokens=None, prompt_mask=None, **settings):
         """Token ids (B, T) starting with prompt_ids ((P,) or (B, P), decoder start token first).
         Pass visual_tokens from encode() to skip encoding the images again. prompt_mask (B, P)
@@ -501,97 +435,14 @@ class CheXQuery(nn.Module):
         return self.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual_tokens),
                                 decoder_input_ids=prompt_ids, **settings)
 
-    # --- reporting and checkpoints ---------------------------------------------
-    COMPONENTS = (('vision encoder (SigLIP)', 'vision.', False), ('  vision LoRA', 'vision.', True),
-                  ('condition queries', 'condition_queries', None), ('anatomical queries', 'anatomical_queries', None),
-                  ('cross-attention', 'cross_attention.', None), ('gated fusion + pooling', 'fusion.', None),
-                  ('projection', 'proj.', None), ('auxiliary head', 'aux_head.', None),
-                  ('decoder (T5)', 't5.', False), ('  decoder LoRA', 't5.', True))
 
-    def param_report(self, full_backbones=False):
-        """Total and trainable parameters per component and phase, as a table."""
-        rows = []
-        for label, prefix, want_lora in self.COMPONENTS:
-            ps = [(n, p.numel()) for n, p in self.named_parameters()
-                  if n.startswith(prefix) and (want_lora is None or ('lora_' in n) == want_lora)]
-            rows.append([label, sum(k for _, k in ps)] +
-                        [sum(k for n, k in ps if self.trainable(n, ph, full_backbones=full_backbones)) for ph in (1, 2, 3)])
-        rows.append(['total'] + [sum(r[i] for r in rows) for i in range(1, 5)])
-        lines = [f"{'component':<26}{'params':>14}{'phase 1':>13}{'phase 2':>13}{'phase 3':>13}"]
-        lines += [f"{r[0]:<26}" + ''.join(f"{v:>14,}" if i == 0 else f"{v:>13,}" for i, v in enumerate(r[1:]))
-                  for r in rows]
-        return '\n'.join(lines)
-
-    def pretrained_prefixes(self):
-        """Prefixes of weights reloaded from their pretrained source, not saved."""
-        return tuple(p for p, given in (('vision.', self.cfg.vision_config), ('t5.', self.cfg.text_config))
-                     if given is None)
-
-    def checkpoint_state_dict(self):
-        """Everything trained or randomly initialized; frozen pretrained weights are left out."""
-        skip, seen, out = self.pretrained_prefixes(), set(), {}
-        for k, v in self.state_dict().items():
-            if v.data_ptr() in seen:  # a tied alias (t5.decoder.embed_tokens is t5.shared): save once
-                continue
-            seen.add(v.data_ptr())
-            if 'lora_' in k or not k.startswith(skip):
-                out[k] = v
-        return out
-
-
-def load_weights(model, state, source):
-    """Loads a checkpoint_state_dict, listing every mismatched key."""
-    lora.check_state_dict(model.checkpoint_state_dict(), state, source)
-    model.load_state_dict(state, strict=False)
-
-
-def save_checkpoint(path, model, meta, extra_tensors=None):
-    """Writes one .safetensors file: the model's checkpoint_state_dict, any extra
-    tensors (optimizer state, RNG) under their own 'name/...' keys, and the meta
-    (run config, iteration, best metric, phase, model config) as JSON in its header.
-    One file renamed into place is atomic, so a kill during a save leaves the
-    previous checkpoint intact. A .json copy of the meta is written beside it for people."""
-    from safetensors.torch import save_file
-    path = str(path)
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
-    tensors.update(extra_tensors or {})
-    meta = dict(meta, model_config=asdict(model.cfg))
-    save_file(tensors, path + '.tmp', metadata={'chexquery': json.dumps(meta)})
-    os.replace(path + '.tmp', path)
-    json_path = os.path.splitext(path)[0] + '.json'
-    with open(json_path + '.tmp', 'w') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(json_path + '.tmp', json_path)
-
-
-def read_checkpoint(path):
-    """(tensors, meta) from a .safetensors checkpoint, or a directory holding ckpt.safetensors."""
-    from safetensors import safe_open
-    path = str(path)
-    if not path.endswith('.safetensors'):
-        path = os.path.join(path, 'ckpt.safetensors')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint: {path} does not exist")
-    try:
-        with safe_open(path, 'pt') as f:
-            meta = json.loads((f.metadata() or {})['chexquery'])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
-        raise ValueError(f"{path} is not a CheXQuery checkpoint ({type(e).__name__}: {e})") from None
-    return tensors, meta
-
-
-def load_checkpoint(path, device='cpu', merge_lora=False):
-    """(model, meta) from a checkpoint; pretrained backbones are reloaded from their source.
-    merge_lora=True folds the adapters into their weights, for inference at no extra cost."""
-    tensors, meta = read_checkpoint(path)
-    cfg = CheXQueryConfig(**dict(meta['model_config'], query_init='random'))  # queries come from the file
-    model = CheXQuery(cfg)
-    load_weights(model, {k: v for k, v in tensors.items() if '/' not in k}, path)
-    if merge_lora:
-        lora.merge_lora(model)
-    return model.to(device).eval(), meta
+# A tiny model for the phantom demo and the tests: the same architecture, CPU-sized.
+TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=128, patch_size=16)
+TINY_TEXT = dict(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=2,
+                 num_decoder_layers=2, num_heads=4, feed_forward_proj='gated-gelu',
+                 dropout_rate=0.1, tie_word_embeddings=False,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
 def tiny_config(vocab_size=512, image_size=128, **overrides):

@@ -5,8 +5,8 @@ the decoder's prompt, and a prepared directory's splits as batches (ReportDatase
 A prepared directory holds train/val/test.jsonl (one record per frontal image: id, uid,
 image, findings, impression, report, indication, labels, label_source), resized image
 copies under images_<short_side>/ and a manifest.json; prepare.py writes it from a raw
-download, and ReportDataset reads it, whichever dataset made it. `python data.py
---dataset=...` runs prepare.py's command line.
+download (`python prepare.py --dataset=...`), and ReportDataset reads it, whichever
+dataset made it.
 """
 import hashlib
 import json
@@ -128,6 +128,29 @@ def to_rgb(im):
         flat = Image.new('RGBA', im.size, (0, 0, 0, 255))  # transparent = black, like air on a film
         im = Image.alpha_composite(flat, im)
     return im.convert('RGB')
+
+
+def resize_copy(job):
+    """job (source, dest, side): writes a copy of source with its shorter side at most `side` px
+    (grayscale PNG), unless an up-to-date copy exists. Returns None, or an error message naming
+    the file. The copies prepare.py makes, so that training decodes small images."""
+    source, dest, side = job
+    try:
+        if os.path.getmtime(dest) >= os.path.getmtime(source):
+            return None
+    except OSError:  # no copy yet, or the source is gone since the tables were written: load_image says which
+        pass
+    try:
+        im = load_image(source).convert('L')  # radiographs are grayscale; RGB comes back at load time
+    except ValueError as e:
+        return str(e)
+    scale = side / min(im.size)
+    if scale < 1:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    im.save(dest + '.tmp', format='PNG')
+    os.replace(dest + '.tmp', dest)  # a killed run never leaves a half-written copy that looks done
+    return None
 
 
 def train_transform(size):
@@ -347,7 +370,7 @@ def read_jsonl(path, required, check=None):
 def read_split(data_dir, split):
     path = os.path.join(data_dir, f'{split}.jsonl')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: prepare the data first (python data.py --dataset=... "
+        raise FileNotFoundError(f"{path} not found: prepare the data first (python prepare.py --dataset=... "
                                 f"--data_dir={data_dir})")
     def check(r):
         if not isinstance(r['labels'], list) or len(r['labels']) != len(CONDITIONS):
@@ -446,6 +469,22 @@ def own_diagnosis_tokens(tok, prompt, batch, decisions, max_len):
                        zip(batch['text'], batch['indication'], batch['own'], decisions.tolist(), references)])
 
 
-if __name__ == '__main__':
-    import prepare  # the README's `python data.py --dataset=...` keeps working: it is prepare.py's command line
-    prepare.main(sys.argv[1:])
+class FeatureCache:
+    """Phase 1's frozen SigLIP outputs, kept after the first epoch: id -> (global (D,), patches
+    (N, D)), in float16 on the host to halve the memory. A dataset whose `cached` set holds an
+    id leaves that image undecoded (collate's has_image says which samples carry one)."""
+
+    def __init__(self):
+        self.features = {}
+
+    def __call__(self, b, encode, device):
+        """(global (B, D), patches (B, N, D)) for batch b: encode(images) for the images it
+        carries, which were not seen before, and the cache for the rest."""
+        if b['image'] is not None:
+            with torch.no_grad():  # SigLIP is frozen
+                g, p = encode(b['image'])
+            new = [k for k, has in zip(b['ids'], b['has_image']) if has]
+            for i, k in enumerate(new):
+                self.features[k] = (g[i].half().cpu(), p[i].half().cpu())
+        g, p = zip(*(self.features[k] for k in b['ids']))
+        return torch.stack(g).to(device).float(), torch.stack(p).to(device).float()

@@ -35,7 +35,8 @@ from PIL import Image
 import data
 import hardware
 from chexpert import CONDITIONS
-from chexquery import GENERATION, load_checkpoint
+from checkpoint import load_checkpoint
+from chexquery import GENERATION
 from heatmaps import attention_grid
 
 # -----------------------------------------------------------------------------
@@ -51,7 +52,7 @@ max_pixels = 6000 * 6000      # a larger image is refused from its header, befor
 max_indication = 500          # characters
 device = 'auto'
 dtype = 'auto'
-cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
+cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linears, kept freed memory, lean beam cache)
 globals().update(GENERATION)  # num_beams, max_length, ... : the model's defaults, overridable here
 # -----------------------------------------------------------------------------
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.html')
@@ -133,7 +134,7 @@ def example_images(config, directory, n):
 class Demo:
     """The model, loaded once, and what a request runs through it."""
 
-    def __init__(self, path, dev='cpu', dtype='auto', cpu_kernels=True, generation=None, threshold=0.5,
+    def __init__(self, path, dev='cpu', dtype='auto', cpu_kernels=False, generation=None, threshold=0.5,
                  examples_dir='', n_examples=10):
         self.model, meta = load_checkpoint(path, dev, merge_lora=True)
         if dev == 'cpu' and cpu_kernels:

@@ -49,9 +49,16 @@ import torch
 import data
 import hardware
 from chexpert import CONDITIONS, binarize, make_labeler
+<<<<<<< HEAD
 from chexquery import GENERATION, load_checkpoint
 from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_labels, clinical_metrics, clip,
                      decide, faithfulness, grounding, nlg_metrics, normalize, region_shares)
+=======
+from checkpoint import load_checkpoint
+from chexquery import GENERATION
+from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_metrics, clip, grounding,
+                     nlg_metrics, normalize, region_shares)
+>>>>>>> learn
 
 # -----------------------------------------------------------------------------
 out_dir = ''                  # a training run: generate for `split` with its ckpt.safetensors
@@ -74,7 +81,7 @@ diagnosis_prompt = None       # None: as the checkpoint was trained; True or Fal
 oracle = False                # diagnosis_prompt: also write with the reference labels in the slot (a ceiling)
 section = ''                  # predictions mode: score one section ('findings', 'impression') of both reports
 device = 'auto'
-cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
+cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linears, kept freed memory, lean beam cache)
 globals().update(GENERATION)  # num_beams, no_repeat_ngram_size, ... : the model's defaults, overridable here
 # -----------------------------------------------------------------------------
 
@@ -129,7 +136,11 @@ def baseline_reports(data_dir, test_records, target='both'):
 
 # --- predictions ------------------------------------------------------------------------------
 def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size=16, max_samples=0,
+<<<<<<< HEAD
                          cpu_kernels=True, context=None, diagnosis=None, oracle=False, **generation):
+=======
+                         cpu_kernels=False, context=None, **generation):
+>>>>>>> learn
     """Runs a run's checkpoint over a split, with the indication ahead of the prompt or not
     (context None: as it was trained) and, for a diagnosis_prompt checkpoint, the aux head's
     decisions in the slot (oracle: the reference's labels, binarized as in training); returns

@@ -60,9 +60,9 @@ def use_cpu_kernels(model):
 # oneDNN linear layers
 #
 # PyTorch's x86 builds send fp32 GEMMs to MKL, which runs its AVX2 code on AMD
-# CPUs; oneDNN, also inside PyTorch, uses AVX-512 there. On a 2-core EPYC the
-# model's linear shapes timed one by one ran 1.3-3.5x faster, most about 2x, at
-# fp32 precision (differences ~1e-6, the rounding of another summation order).
+# CPUs; oneDNN, also inside PyTorch, uses AVX-512 there, and is faster on most of
+# the model's shapes (docs/performance.md). The results differ only by the rounding
+# of another summation order.
 
 ONEDNN_AVAILABLE = (platform.machine().lower() in ('x86_64', 'amd64') and torch.backends.mkldnn.is_available()
                     and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
@@ -109,10 +109,9 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return dx, dw, db
 
 
-# oneDNN costs about 10 us more per call than F.linear, so it only pays on big enough GEMMs.
-# On Zen 5 (one core pair, 2026-12-01) it took 1.4 to 2.2x F.linear's time at 0.26 million
-# multiply-adds, 0.9 to 1.2x at 1 to 2 million, 0.5 to 0.9x from 4 million. The real size's
-# smallest (4 beams x 768 x 768, 2.4 million) stays on oneDNN; most of the tiny model's go to F.linear.
+# oneDNN costs more per call than F.linear, so it only pays on big enough GEMMs (the threshold
+# is measured: docs/performance.md). The real size's smallest (4 beams x 768 x 768) stays on
+# oneDNN; most of the tiny model's go to F.linear.
 ONEDNN_MIN_MACS = 2**21
 
 
@@ -148,10 +147,9 @@ def use_onednn_linears(model):
 #
 # glibc gives every block above 32 MB back to the OS when it is freed, and at the
 # real size many activations are that big (SigLIP's MLP at batch 16: (16, 577, 3072),
-# 113 MB). Each new one then costs page faults and the kernel zeroing it: 2-3 s of
-# system time in a batch-16 SigLIP forward of 11.7 s (Zen 4). Kept, that forward took
-# 10.0 s; the price is a peak resident size ~4% higher, kept until the process exits,
-# as a GPU caching allocator keeps its blocks.
+# 113 MB). Each new one then costs page faults and the kernel zeroing it. Kept, they
+# are reused, as a GPU caching allocator reuses its blocks; the price is a somewhat
+# higher peak resident size, kept until the process exits (docs/performance.md).
 
 def glibc():
     """The C library through ctypes when it is glibc (Linux), else None."""
@@ -187,8 +185,8 @@ def release_freed_memory():
 #
 # Beam search reorders every cached key and value at every step. The decoder's
 # cross-attention ones are equal across an image's beams (all read its visual
-# tokens), so only the self-attention cache needs it: the same beams, about 12%
-# less decoding time at batch 16 on the CPU.
+# tokens), so only the self-attention cache needs it: the same beams in less time
+# (docs/performance.md).
 
 def generate_cache_kwarg(version):
     """generate's name for the cache: transformers 5.24 renamed past_key_values to cache

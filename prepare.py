@@ -8,10 +8,9 @@ ReportDataset reads out, whichever dataset made it.
     python prepare.py --dataset=iu_xray ... --split_file=annotation.json      # R2Gen's split (either dataset)
     python prepare.py --dataset=iu_xray ... --split_file=annotation.json --references=annotation  # and its text
 
-`python data.py` with the same settings runs the same command line. Each writes a prepared
-directory: train/val/test.jsonl (one record per frontal image: id, uid, image, findings,
-impression, report, indication, labels, label_source), resized image copies under
-images_<short_side>/ and a manifest.json.
+Each writes a prepared directory: train/val/test.jsonl (one record per frontal image: id,
+uid, image, findings, impression, report, indication, labels, label_source), resized image
+copies under images_<short_side>/ and a manifest.json.
 """
 import csv
 import gzip
@@ -24,10 +23,8 @@ from collections import Counter
 from multiprocessing import Pool
 from types import SimpleNamespace
 
-from PIL import Image
-
 from chexpert import CONDITIONS
-from data import DICOM_EXTENSIONS, load_image, path_problem
+from data import DICOM_EXTENSIONS, path_problem, resize_copy
 
 # -----------------------------------------------------------------------------
 dataset = 'phantom'           # 'phantom' | 'iu_xray' | 'mimic_cxr'
@@ -82,28 +79,6 @@ def patient_split(uids, seed, fractions=(0.7, 0.15, 0.15)):
     order = sorted(set(uids), key=lambda u: hashlib.sha256(f'{seed}:{u}'.encode()).hexdigest())
     n_train, n_val = round(fractions[0] * len(order)), round(fractions[1] * len(order))
     return {u: 'train' if i < n_train else 'val' if i < n_train + n_val else 'test' for i, u in enumerate(order)}
-
-
-def resize_copy(job):
-    """Writes a copy of src with its shorter side at most `side` px (grayscale PNG), unless an
-    up-to-date copy exists. Returns None, or an error message naming the file."""
-    source, dest, side = job
-    try:
-        if os.path.getmtime(dest) >= os.path.getmtime(source):
-            return None
-    except OSError:  # no copy yet, or the source is gone since the tables were written: load_image says which
-        pass
-    try:
-        im = load_image(source).convert('L')  # radiographs are grayscale; RGB comes back at load time
-    except ValueError as e:
-        return str(e)
-    scale = side / min(im.size)
-    if scale < 1:
-        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    im.save(dest + '.tmp', format='PNG')
-    os.replace(dest + '.tmp', dest)  # a killed run never leaves a half-written copy that looks done
-    return None
 
 
 def write_prepared(out_dir, splits, manifest, jobs, n_workers):
@@ -557,7 +532,7 @@ def r2gen_manifest(split_file, references, match):
 
 def main(argv):
     """The command line: argv's --key=value settings over the defaults above, read into a copy,
-    so each call in one process (data.py's, a test's) starts from the defaults."""
+    so each call in one process (a test's) starts from the defaults."""
     from configurator import configure
     c = SimpleNamespace(**configure({k: globals()[k] for k in ('dataset', 'data_dir', 'src', 'seed', 'short_side',
                                                                'workers', 'split_file', 'references')}, argv))

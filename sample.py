@@ -19,7 +19,8 @@ import torch
 import data
 import hardware
 from chexpert import CONDITIONS
-from chexquery import GENERATION, load_checkpoint
+from checkpoint import load_checkpoint
+from chexquery import GENERATION
 from heatmaps import attention_grid
 
 # -----------------------------------------------------------------------------
@@ -34,7 +35,7 @@ indication = ''               # the clinical indication, for a checkpoint traine
 context = None                # None: as the checkpoint was trained; False: without the indication
 device = 'auto'
 dtype = 'auto'
-cpu_kernels = True            # on the CPU: oneDNN linears, kept freed memory, lean beam cache (hardware.py)
+cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linears, kept freed memory, lean beam cache)
 globals().update(GENERATION)  # num_beams, no_repeat_ngram_size, ... : the model's defaults, overridable here
 # -----------------------------------------------------------------------------
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.dcm')

@@ -172,7 +172,8 @@ def random_run(phantom_dir, tmp_path_factory):
     path in-process in seconds (what it writes is noise; its shape is what is checked)."""
     import torch
     import data
-    from chexquery import CheXQuery, save_checkpoint, tiny_config
+    from checkpoint import save_checkpoint
+    from chexquery import CheXQuery, tiny_config
     torch.manual_seed(0)
     model = CheXQuery(tiny_config(vocab_size=len(data.load_tokenizer(phantom_dir)), image_size=64))
     config = dict(data_dir=phantom_dir, target='both', max_len=64, uncertain='positive', tokenizer='',

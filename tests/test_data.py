@@ -18,7 +18,7 @@ def test_bad_split_file_names_file_and_line(tmp_path):
     (tmp_path / 'val.jsonl').write_text('\n{not json\n')
     with pytest.raises(ValueError, match=r'val\.jsonl:2:'):
         data.read_split(str(tmp_path), 'val')
-    with pytest.raises(FileNotFoundError, match=r'test\.jsonl.*data\.py'):  # how to make it
+    with pytest.raises(FileNotFoundError, match=r'test\.jsonl.*prepare\.py'):  # how to make it
         data.read_split(str(tmp_path), 'test')
 
 

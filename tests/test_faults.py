@@ -18,7 +18,8 @@ import torch
 
 import data
 import prepare
-from chexquery import CheXQuery, read_checkpoint, save_checkpoint, tiny_config
+from checkpoint import read_checkpoint, save_checkpoint
+from chexquery import CheXQuery, tiny_config
 from conftest import ROOT, iu_fixture, read_metrics, run_script, tiny_train_args, train_in_process, train_losses, \
     write_csv
 
@@ -77,9 +78,9 @@ def test_a_source_image_that_vanished_since_the_last_preparation_is_reported_and
 
 
 # --- a tokenizer that does not fit the checkpoint --------------------------------------------
-def tiny_checkpoint(path, vocab_size, tokenizer=None):
+def tiny_checkpoint(path, vocab_size, tokenizer=None, **overrides):
     torch.manual_seed(0)
-    model = CheXQuery(tiny_config(vocab_size=vocab_size, image_size=64))
+    model = CheXQuery(tiny_config(vocab_size=vocab_size, image_size=64, **overrides))
     meta = dict(phase=2, iter_num=5, config={}, **({'tokenizer': tokenizer} if tokenizer else {}))
     save_checkpoint(path, model, meta)
     return str(path)
@@ -119,6 +120,73 @@ def test_init_from_wins_over_model_size_and_image_size(phantom_dir, tmp_path):
     assert config['model_size'] == 'tiny' and config['image_size'] == 64
 
 
+def test_init_from_wins_over_every_architecture_setting_and_the_saved_config_agrees(phantom_dir, tmp_path):
+    """A checkpoint without anatomical queries and with the fixed gate, configured with 6 and the
+    learned one: the checkpoint's are used, said so, and the new checkpoint's config matches its model."""
+    ckpt = tiny_checkpoint(tmp_path / 'ablation.safetensors', vocab_size=len(data.load_tokenizer(phantom_dir)),
+                           n_anatomical_queries=0, learned_gate=False)
+    code, printed = train_in_process(phantom_dir, str(tmp_path / 'out'), init_from=ckpt, n_anatomical_queries=6,
+                                     learned_gate=True, **QUICK)
+    assert code == 0, printed[-3000:]
+    assert 'n_anatomical_queries=0' in printed and 'learned_gate=False' in printed
+    meta = read_checkpoint(tmp_path / 'out' / 'ckpt.safetensors')[1]
+    for key in ('n_anatomical_queries', 'learned_gate', 'image_size', 'anatomical_prior'):
+        assert meta['config'][key] == meta['model_config'][key], key
+    assert meta['model_config']['n_anatomical_queries'] == 0 and meta['model_config']['learned_gate'] is False
+
+
+# --- a new run into another run's out_dir -------------------------------------------------
+def files(d):
+    """{name: bytes} of a directory's files: what a refused run must leave as it was."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture
+def earlier_run(phantom_dir, tmp_path):
+    """out_dir of a finished run (ckpt, last, metrics.jsonl), plus a stale temporary file a start would remove."""
+    out = tmp_path / 'earlier'
+    assert train_in_process(phantom_dir, str(out), **QUICK)[0] == 0
+    (out / 'last.safetensors.tmp').write_bytes(b'half a checkpoint')
+    return out
+
+
+@pytest.mark.parametrize('how', ['scratch', 'init_from its own checkpoint', 'torchrun rank 0', 'torchrun rank 1'])
+def test_a_new_run_into_an_out_dir_holding_checkpoints_stops_before_writing(phantom_dir, earlier_run, monkeypatch,
+                                                                             how):
+    before = files(earlier_run)
+    settings = dict(QUICK, learning_rate=0.5)
+    if how == 'init_from its own checkpoint':
+        settings['init_from'] = str(earlier_run / 'ckpt.safetensors')
+    if how.startswith('torchrun'):  # as torchrun sets them; no rendezvous may start, or a rank would wait
+        for k, v in dict(RANK=how[-1], LOCAL_RANK=how[-1], WORLD_SIZE='2').items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv('MASTER_ADDR', raising=False)
+        settings['gradient_accumulation_steps'] = 2
+    with pytest.raises(FileExistsError, match=r'ckpt\.safetensors.*--init_from=resume.*--out_dir.*--overwrite=True'):
+        train_in_process(phantom_dir, str(earlier_run), **settings)
+    assert files(earlier_run) == before
+
+
+def test_init_from_a_checkpoint_inside_its_own_out_dir_stops_before_writing(phantom_dir, earlier_run, tmp_path):
+    out = tmp_path / 'new'
+    out.mkdir()
+    shutil.copy(earlier_run / 'ckpt.safetensors', out / 'start.safetensors')
+    with pytest.raises(FileExistsError, match=r'start\.safetensors.*inside.*--overwrite=True'):
+        train_in_process(phantom_dir, str(out), init_from=str(out / 'start.safetensors'), **QUICK)
+    assert files(out) == {'start.safetensors': (earlier_run / 'ckpt.safetensors').read_bytes()}
+
+
+def test_overwrite_replaces_the_checkpoints_and_starts_metrics_afresh(phantom_dir, earlier_run):
+    code, printed = train_in_process(phantom_dir, str(earlier_run), overwrite=True, **dict(QUICK, max_iters=2))
+    assert code == 0, printed[-3000:]
+    assert [m['iter'] for m in read_metrics(earlier_run)] == [1, 2, 2]  # loss 1, loss 2, val 2: the new run's only
+    assert read_checkpoint(earlier_run / 'ckpt.safetensors')[1]['iter_num'] == 2
+    # and a resume of it needs no overwrite
+    code, printed = train_in_process(phantom_dir, str(earlier_run), init_from='resume', **dict(QUICK, max_iters=3))
+    assert code == 0, printed[-3000:]
+    assert [m['iter'] for m in read_metrics(earlier_run)] == [1, 2, 2, 3, 3]
+
+
 # --- settings ---------------------------------------------------------------------------
 @pytest.mark.parametrize('setting', ['batch_size=0', 'gradient_accumulation_steps=0', 'eval_interval=0',
                                      'log_interval=0', 'max_iters=-1', 'epochs=0', 'eval_iters=-1',
@@ -140,10 +208,10 @@ def test_resume_with_settings_that_change_the_run_is_an_error(phantom_dir, tmp_p
 
 
 @pytest.mark.parametrize('setting', ['workers=-1', 'short_side=0'])
-def test_data_py_settings(tmp_path, monkeypatch, setting):
-    monkeypatch.setattr(sys, 'argv', ['data.py', '--dataset=iu_xray', f'--src={tmp_path}', f'--{setting}'])
+def test_prepare_py_settings(tmp_path, monkeypatch, setting):
+    monkeypatch.setattr(sys, 'argv', ['prepare.py', '--dataset=iu_xray', f'--src={tmp_path}', f'--{setting}'])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(ROOT, 'data.py'), run_name='__main__')
+        runpy.run_path(os.path.join(ROOT, 'prepare.py'), run_name='__main__')
     assert setting.split('=')[0] in str(e.value.code)
 
 
@@ -170,10 +238,11 @@ def test_stale_tmp_files_of_an_interrupted_save_are_removed_at_the_next_start(ph
 SAVE_LOOP = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from chexquery import CheXQuery, save_checkpoint, tiny_config
+from checkpoint import save_checkpoint
+from chexquery import CheXQuery, tiny_config
 torch.manual_seed(0)
 model = CheXQuery(tiny_config(vocab_size=512, image_size=64))
-extra = {{'optim/0/exp_avg': torch.randn(8_000_000)}}  # 32 MB more: a save takes ~45 ms
+extra = {{'optim/0/exp_avg': torch.randn(8_000_000)}}  # 32 MB more, so that a save takes a while
 for i in range(1, 10**6):
     print('saving', i, flush=True)
     save_checkpoint({path!r}, model, dict(iter_num=i), extra)

@@ -3,9 +3,15 @@ import os
 import pytest
 import torch
 
+<<<<<<< HEAD
 from chexquery import (CONDITIONS, FLAN_T5_BASE, SIGLIP_BASE_384, TINY_TEXT, TINY_VISION, CheXQuery,
                        CheXQueryConfig, load_checkpoint, load_weights, save_checkpoint, tiny_config)
 from conftest import S, V, batch, tiny
+=======
+from bench import FLAN_T5_BASE, SIGLIP_BASE_384
+from checkpoint import checkpoint_state_dict, load_checkpoint, load_weights, param_table, save_checkpoint
+from chexquery import CONDITIONS, TINY_TEXT, TINY_VISION, CheXQuery, CheXQueryConfig, tiny_config
+>>>>>>> learn
 
 os.environ['HF_HUB_OFFLINE'] = '1'
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -55,7 +61,7 @@ def test_real_sizes_of_the_dimension_table():
         out = m.encode(features=(g, patches), return_attention=True)
     assert out['attention'].shape == (1, 20, 576)
     assert out['visual_tokens'].shape == (1, 11, 768) and out['cond_logits'].shape == (1, 14)
-    report = m.param_report()
+    report = param_table(m)
     print(report)
     vision = sum(p.numel() for n, p in m.named_parameters() if n.startswith('vision.') and 'lora_' not in n)
     assert 92e6 < vision < 94e6                      # SigLIP-base vision tower
@@ -205,7 +211,7 @@ def test_pretrained_backbones_from_local_dirs_keep_lm_head_untied(tmp_path):
     torch.testing.assert_close(m.t5.lm_head.weight, t5.lm_head.weight)
     torch.testing.assert_close(m.t5.shared.weight, t5.shared.weight)
     # checkpoints leave the frozen pretrained weights out, but keep LoRA and new modules
-    keys = m.checkpoint_state_dict().keys()
+    keys = checkpoint_state_dict(m).keys()
     assert any('lora_' in k and k.startswith('vision.') for k in keys)
     assert not any(k.startswith(('vision.', 't5.')) and 'lora_' not in k for k in keys)
     assert 'condition_queries' in keys
@@ -320,3 +326,12 @@ def test_condition_query_cache_follows_a_retrained_local_model(tmp_path, monkeyp
     retrained.save_pretrained(tmp_path / 'bert')  # the same directory, new weights
     b = tiny(query_init=str(tmp_path / 'bert')).condition_queries.detach()
     assert not torch.allclose(a, b)
+
+
+def test_forward_returns_the_weighted_training_loss_beside_its_parts():
+    m = tiny().eval()
+    images, dec, labels, cond = batch()
+    out = m(images, dec, labels, cond, lambda_gen=0.7, lambda_aux=0.3)
+    torch.testing.assert_close(out['loss'], 0.7 * out['loss_gen'] + 0.3 * out['loss_aux'])
+    assert out['loss'].requires_grad  # what train.py backpropagates
+    assert 'loss' not in m(images, dec, labels) and 'loss' not in m(images, cond_labels=cond)  # a part alone

@@ -1,6 +1,6 @@
 """prepare.py: text cleaning, the patient split, IU X-ray and MIMIC-CXR preparation from
 fixtures in their real layouts (and the real IU tables when present), bad tables, and the
-command line, as `python prepare.py` and as the README's `python data.py`."""
+command line, `python prepare.py`."""
 import csv
 import gzip
 import hashlib
@@ -195,11 +195,11 @@ def run_command_line(monkeypatch, script, *args):
     return None
 
 
-@pytest.mark.parametrize('script', ['prepare.py', 'data.py'])  # data.py: the README's command, the same one
-def test_command_line_errors(tmp_path, monkeypatch, script):
-    assert 'workers' in run_command_line(monkeypatch, script, '--dataset=iu_xray', f'--src={tmp_path}', '--workers=-1')
+def test_command_line_errors(tmp_path, monkeypatch):
+    assert 'workers' in run_command_line(monkeypatch, 'prepare.py', '--dataset=iu_xray', f'--src={tmp_path}',
+                                         '--workers=-1')
     # each call starts from the defaults again: neither src nor workers is left over from the last one
-    assert '--src=DIR' in run_command_line(monkeypatch, script, '--dataset=iu_xray', f'--data_dir={tmp_path}/x')
-    assert 'chexpert' in run_command_line(monkeypatch, script, '--dataset=chexpert', f'--data_dir={tmp_path}/x')
+    assert '--src=DIR' in run_command_line(monkeypatch, 'prepare.py', '--dataset=iu_xray', f'--data_dir={tmp_path}/x')
+    assert 'chexpert' in run_command_line(monkeypatch, 'prepare.py', '--dataset=chexpert', f'--data_dir={tmp_path}/x')
     with pytest.raises(ValueError, match='dataset'):  # the configurator suggests the right key
-        run_command_line(monkeypatch, script, '--datset=iu_xray')
+        run_command_line(monkeypatch, 'prepare.py', '--datset=iu_xray')

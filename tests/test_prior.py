@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import chexquery
 from chexpert import ATLAS, CONDITIONS, REGIONS, check_atlas, read_atlas
-from chexquery import (CheXQueryConfig, anatomical_prior_bias, load_checkpoint, load_weights,
-                       read_checkpoint, save_checkpoint, tiny_config)
+from checkpoint import checkpoint_state_dict, load_checkpoint, load_weights, read_checkpoint, save_checkpoint
+from chexquery import CheXQueryConfig, anatomical_prior_bias, tiny_config
 from conftest import S, V, batch, tiny, train_in_process
 
 C = len(CONDITIONS)
@@ -289,7 +289,7 @@ def test_a_checkpoint_saved_with_a_prior_loads_back_with_it(tmp_path):
     tensors, meta = read_checkpoint(tmp_path)
     assert meta['model_config']['anatomical_prior'] == 'strict' and meta['model_config']['atlas'] == atlas
     # the bias is built from the config, not saved: the checkpoint has the keys a model without a prior has
-    assert not [k for k in tensors if 'prior' in k] and set(tensors) == set(tiny().checkpoint_state_dict())
+    assert not [k for k in tensors if 'prior' in k] and set(tensors) == set(checkpoint_state_dict(tiny()))
     m2, _ = load_checkpoint(tmp_path)
     assert m2.cfg.anatomical_prior == 'strict' and m2.cfg.atlas == atlas
     assert torch.equal(m2.attention_prior, m.attention_prior)

@@ -209,10 +209,10 @@ def test_mimic_split_file(tmp_path):
 
 
 # --- the command line -------------------------------------------------------------------------
-def run_data_py(monkeypatch, *args):
-    monkeypatch.setattr(sys, 'argv', ['data.py', *args])
+def run_prepare_py(monkeypatch, *args):
+    monkeypatch.setattr(sys, 'argv', ['prepare.py', *args])
     try:
-        runpy.run_path(os.path.join(ROOT, 'data.py'), run_name='__main__')
+        runpy.run_path(os.path.join(ROOT, 'prepare.py'), run_name='__main__')
     except SystemExit as e:
         return e.code
     return None
@@ -222,13 +222,13 @@ def test_command_line(tmp_path, monkeypatch):
     src = iu_raw(tmp_path / 'raw')
     ann = annotation(tmp_path / 'annotation.json', 'folder')
     out = tmp_path / 'iu'
-    assert run_data_py(monkeypatch, '--dataset=iu_xray', f'--src={src}', f'--data_dir={out}', f'--split_file={ann}',
+    assert run_prepare_py(monkeypatch, '--dataset=iu_xray', f'--src={src}', f'--data_dir={out}', f'--split_file={ann}',
                        '--references=annotation', '--workers=1') is None
     manifest = json.loads((out / 'manifest.json').read_text())
     assert manifest['references'] == 'annotation' and manifest['counts'] == {'train': 5, 'val': 2, 'test': 2}  # 4 too
-    assert 'references' in run_data_py(monkeypatch, '--dataset=iu_xray', f'--src={src}', f'--data_dir={out}',
+    assert 'references' in run_prepare_py(monkeypatch, '--dataset=iu_xray', f'--src={src}', f'--data_dir={out}',
                                        f'--split_file={ann}', '--references=theirs')
-    assert 'split_file' in run_data_py(monkeypatch, '--dataset=iu_xray', f'--src={src}', f'--data_dir={out}',
+    assert 'split_file' in run_prepare_py(monkeypatch, '--dataset=iu_xray', f'--src={src}', f'--data_dir={out}',
                                        '--references=annotation')
 
 

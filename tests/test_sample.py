@@ -134,7 +134,7 @@ def test_load_model_folds_lora_into_the_weights(tiny_run):
     """sample.py and eval.py generate from merged weights: the same outputs, no adapter cost."""
     import torch
     import lora
-    from chexquery import load_checkpoint
+    from checkpoint import load_checkpoint
     merged, _ = load_checkpoint(tiny_run, merge_lora=True)
     plain, _ = load_checkpoint(tiny_run)
     layers = lora.lora_layers(merged)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import chexquery
-from chexquery import load_checkpoint, read_checkpoint
+from checkpoint import load_checkpoint, read_checkpoint
 from conftest import read_metrics, run_script, tiny_train_args, train_in_process, train_losses
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -109,7 +109,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(phantom_dir, tmp
 
     def poison(n, result):
         if n == 2 or n >= 5:
-            result['loss_gen'] = result['loss_gen'] * float('nan')
+            result['loss'] = result['loss'] * float('nan')
     on_training_forward(monkeypatch, poison)
     code, printed = train_in_process(phantom_dir, out, max_iters=20, eval_interval=2, eval_iters=1,
                                      sample_reports=0, max_bad_steps=3)
@@ -136,7 +136,8 @@ def test_phase1_feature_cache_matches_the_uncached_run(phantom_dir, tmp_path):
     for it in la:  # equal up to the float16 storage of the features
         assert abs(la[it] - lb[it]) <= 2e-3 * lb[it], (it, la[it], lb[it])
     with pytest.raises(ValueError, match='cache_features'):
-        train_in_process(phantom_dir, a, cache_features=True, phase=2)
+        train_in_process(phantom_dir, str(tmp_path / 'phase2'), cache_features=True, phase=2)
+    assert not (tmp_path / 'phase2').exists()  # checked before anything is written
 
 
 def test_cached_samples_are_not_decoded(phantom_dir):
