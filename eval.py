@@ -49,16 +49,10 @@ import torch
 import data
 import hardware
 from chexpert import CONDITIONS, binarize, make_labeler
-<<<<<<< HEAD
-from chexquery import GENERATION, load_checkpoint
-from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_labels, clinical_metrics, clip,
-                     decide, faithfulness, grounding, nlg_metrics, normalize, region_shares)
-=======
 from checkpoint import load_checkpoint
 from chexquery import GENERATION
-from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_metrics, clip, grounding,
-                     nlg_metrics, normalize, region_shares)
->>>>>>> learn
+from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_labels, clinical_metrics, clip,
+                     decide, faithfulness, grounding, nlg_metrics, normalize, region_shares)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                  # a training run: generate for `split` with its ckpt.safetensors
@@ -136,11 +130,7 @@ def baseline_reports(data_dir, test_records, target='both'):
 
 # --- predictions ------------------------------------------------------------------------------
 def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size=16, max_samples=0,
-<<<<<<< HEAD
-                         cpu_kernels=True, context=None, diagnosis=None, oracle=False, **generation):
-=======
-                         cpu_kernels=False, context=None, **generation):
->>>>>>> learn
+                         cpu_kernels=False, context=None, diagnosis=None, oracle=False, **generation):
     """Runs a run's checkpoint over a split, with the indication ahead of the prompt or not
     (context None: as it was trained) and, for a diagnosis_prompt checkpoint, the aux head's
     decisions in the slot (oracle: the reference's labels, binarized as in training); returns

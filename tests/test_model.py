@@ -3,15 +3,10 @@ import os
 import pytest
 import torch
 
-<<<<<<< HEAD
-from chexquery import (CONDITIONS, FLAN_T5_BASE, SIGLIP_BASE_384, TINY_TEXT, TINY_VISION, CheXQuery,
-                       CheXQueryConfig, load_checkpoint, load_weights, save_checkpoint, tiny_config)
-from conftest import S, V, batch, tiny
-=======
 from bench import FLAN_T5_BASE, SIGLIP_BASE_384
 from checkpoint import checkpoint_state_dict, load_checkpoint, load_weights, param_table, save_checkpoint
 from chexquery import CONDITIONS, TINY_TEXT, TINY_VISION, CheXQuery, CheXQueryConfig, tiny_config
->>>>>>> learn
+from conftest import S, V, batch, tiny
 
 os.environ['HF_HUB_OFFLINE'] = '1'
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -86,7 +81,7 @@ def table(report):
 @pytest.mark.parametrize('full_backbones', [False, True])
 def test_parameter_table_counts_what_each_phase_trains(full_backbones):
     m = tiny()
-    rows = table(m.param_report(full_backbones))
+    rows = table(param_table(m, full_backbones))
     total = rows.pop('total')
     assert total[0] == sum(p.numel() for p in m.parameters())
     assert [sum(r[i] for r in rows.values()) for i in range(4)] == total  # each parameter in one row
