@@ -392,10 +392,14 @@ class CheXQuery(nn.Module):
         return out
 
     def forward(self, images=None, decoder_input_ids=None, labels=None, cond_labels=None, label_smoothing=0.0,
-                lambda_gen=1.0, lambda_aux=0.5, return_attention=False, features=None):
+                lambda_gen=1.0, lambda_aux=0.5, return_attention=False, features=None, text_from_logits=None):
         """encode's outputs, the decoder's logits (B, T, V) with decoder_input_ids, and with labels
-        and cond_labels the training loss: 'loss' = lambda_gen * 'loss_gen' + lambda_aux * 'loss_aux'."""
+        and cond_labels the training loss: 'loss' = lambda_gen * 'loss_gen' + lambda_aux * 'loss_aux'.
+        text_from_logits: a function of the condition logits (B, 14) that returns the decoder's
+        (input ids, labels) instead, for a prompt that states what the aux head decided."""
         out = self.encode(images, features, return_attention)
+        if text_from_logits is not None:
+            decoder_input_ids, labels = (t.to(out['cond_logits'].device) for t in text_from_logits(out['cond_logits'].detach()))
         if decoder_input_ids is not None:
             from transformers.modeling_outputs import BaseModelOutput
             dec = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=out['visual_tokens']),

@@ -436,7 +436,7 @@ class ReportDataset(torch.utils.data.Dataset):
         sample = dict(id=r['id'], image=image, decoder_input_ids=torch.tensor(decoder_input_ids),
                       labels=torch.tensor(labels), cond_labels=self.cond_labels[i])
         if self.diagnosis:  # what train.py needs to write the head's decisions into the slot instead
-            own = self.own_diagnosis > 0 and torch.rand(()).item() < self.own_diagnosis
+            own = self.own_diagnosis >= 1 or (self.own_diagnosis > 0 and torch.rand(()).item() < self.own_diagnosis)
             sample.update(text=self.texts[i], indication=indication, own=own)
         return sample
 

@@ -138,3 +138,10 @@ def remove_interrupted_saves(out_dir):
             os.remove(os.path.join(out_dir, name))
             gone.append(name)
     return gone
+
+
+def broadcast(value):
+    """Rank 0's value (any picklable object) on every process: a collective under torchrun."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -50,7 +50,9 @@ tokenizer = ''                # hub name or local dir; '': text_model's own (the
 target = 'both'               # the report to write: 'both' sections, 'findings' or 'impression' only
 context = False               # the study's indication ahead of the report prompt ("Indication: ... Findings:")
 context_dropout = 0.0         # the share of training samples whose indication is dropped (one model, both ways)
-max_len = 256                 # decoder tokens, prompt (and indication) included
+diagnosis_prompt = False      # the aux head's decisions in words ahead of the section prompt ("Seen: edema. Findings:")
+own_diagnosis = 0.5           # ... in training, the share of samples given the head's decisions, not the reference's
+max_len = 256                 # decoder tokens, prompt (indication, diagnosis) included
 uncertain = 'positive'        # uncertain CheXpert labels count as positive in the aux targets
 augment = True
 cache_features = False        # phase 1: keep SigLIP's outputs after the first epoch (turns augmentation off)
@@ -103,6 +105,7 @@ import startup  # noqa: E402
 from checkpoint import load_weights, param_table, read_checkpoint, save_checkpoint  # noqa: E402
 from chexpert import read_atlas  # noqa: E402
 from chexquery import CheXQuery, CheXQueryConfig  # noqa: E402
+from metrics import decide  # noqa: E402
 from shutdown import CtrlC, exit_without_shutdown, replica_difference  # noqa: E402
 import validation  # noqa: E402
 
@@ -155,6 +158,9 @@ if init_meta is not None:
     model_cfg = replace(model_cfg, query_init='random')  # the queries come from the file
 if init_from == 'resume':
     startup.check_resumable(init_meta, config, world_size, init_path)
+if init_meta is not None:  # the decoder learned with the diagnosis slot or without it
+    data.check_diagnosis(diagnosis_prompt, init_meta['config'], init_path)
+thresholds = init_meta.get('thresholds') if init_meta else None  # per condition, chosen on val at each evaluation
 
 # data and tokenizer ----------------------------------------------------------------
 if dataset == 'phantom':
@@ -169,9 +175,10 @@ if cache_features:  # a cached feature is one fixed view of each image: augmenti
     augment = False
 tok = data.run_tokenizer(config)
 train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, target=target, context=context,
-                               context_dropout=context_dropout, max_len=max_len, uncertain=uncertain)
+                               context_dropout=context_dropout, max_len=max_len, uncertain=uncertain,
+                               diagnosis=diagnosis_prompt, own_diagnosis=own_diagnosis)
 val_set = data.ReportDataset(data_dir, 'val', tok, image_size, train=False, target=target, context=context,
-                             max_len=max_len, uncertain=uncertain)
+                             max_len=max_len, uncertain=uncertain, diagnosis=diagnosis_prompt, own_diagnosis=1.0)
 if train_set.left_out or val_set.left_out:
     log(f"target={target}: left out {train_set.left_out} train and {val_set.left_out} val studies whose {target} "
         f"section is empty")
@@ -256,22 +263,32 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def own_text(b):
+    """diagnosis_prompt: for a batch with samples marked 'own', the function forward calls with
+    the condition logits to put the aux head's decisions into their slot; else None."""
+    if not diagnosis_prompt or not any(b['own']):
+        return None
+    return lambda logits: data.own_diagnosis_tokens(tok, train_set.prompt, b,
+                                                    decide(logits.float().sigmoid().cpu().numpy(), thresholds), max_len)
+
+
 def evaluate():
-    """Validation losses, the aux head's macro AUC and F1, and a few decoded reports."""
+    """Validation losses, the aux head's macro AUC and F1, its per-condition thresholds, and a few decoded reports."""
     raw_model.eval()
     with autocast:
-        result = validation.validate(raw_model, loader(val_set, seed), eval_iters, lambda_gen, lambda_aux,
-                                     f"{data_dir}/val.jsonl")
-        for id_, ref, hyp in validation.sample_reports(raw_model, val_set, tok, sample_reports, max_len, context, target):
+        result, chosen = validation.validate(raw_model, loader(val_set, seed), eval_iters, lambda_gen, lambda_aux,
+                                             f"{data_dir}/val.jsonl", own_text)
+        for id_, ref, hyp in validation.sample_reports(raw_model, val_set, tok, sample_reports, max_len, context, target,
+                                                       diagnosis_prompt, chosen):
             log(f"  [{id_}] ref: {ref}\n  [{id_}] gen: {hyp}")
     raw_model.train()
-    return result
+    return result, chosen
 
 
 def save(name, rng, val_loss=None):
     """Weights, optimizer, scaler and every process's RNG in out_dir/<name>.safetensors, the rest in its header."""
     meta = dict(config=config, phase=phase, iter_num=iter_num, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                best_val_loss=best_val_loss, val_loss=val_loss, scaler=scaler.state_dict(),
+                best_val_loss=best_val_loss, val_loss=val_loss, thresholds=thresholds, scaler=scaler.state_dict(),
                 optimizer_param_groups=optimizer.state_dict()['param_groups'], world_size=world_size,
                 tokenizer=data.tokenizer_meta(tok))
     save_checkpoint(os.path.join(out_dir, f'{name}.safetensors'), raw_model, meta,
@@ -324,7 +341,7 @@ while iter_num < max_iters and not stop:
             features = feature_cache(b, raw_model.vision_features, device) if cache_features else None
             out = model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
                         label_smoothing=label_smoothing, lambda_gen=lambda_gen, lambda_aux=lambda_aux,
-                        features=features)
+                        features=features, text_from_logits=own_text(b))
         scaler.scale(out['loss'] / accum).backward()
         losses += torch.stack([out['loss'], out['loss_gen'], out['loss_aux']]).detach().float() / accum
     scaler.unscale_(optimizer)
@@ -366,11 +383,13 @@ while iter_num < max_iters and not stop:
 
     if eval_now:
         if master:
-            last_val = evaluate()
+            last_val, thresholds = evaluate()
             log(f"val @ {iter_num}: " + ', '.join(f"{k} {v:.4f}" for k, v in last_val.items()))
             log_metrics(dict(iter=iter_num, epoch=epoch, **last_val))
             improved = last_val['val_loss'] < best_val_loss
             best_val_loss = min(best_val_loss, last_val['val_loss'])
+        if ddp and diagnosis_prompt:  # every process puts the same decisions into the slot
+            thresholds = resume.broadcast(thresholds)
         rng = resume.rng_states(device)  # a collective: every process's random state
         if master:
             if improved or always_save_checkpoint:

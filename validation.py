@@ -9,15 +9,17 @@ head's macro AUC and F1 over the 14 conditions, and a few greedy reports to read
 import torch
 
 import data
-from metrics import auc_per_condition, clinical_scores
+from metrics import auc_per_condition, best_thresholds, clinical_scores, decide
 
 
 @torch.no_grad()
-def validate(model, batches, max_batches, lambda_gen, lambda_aux, source):
-    """val_loss (lambda_gen * val_loss_gen + lambda_aux * val_loss_aux, as in training), its two
-    parts, val_auc_macro and val_f1_macro of the aux head, over the collated batches (None: every
-    image unreadable), at most max_batches of them (0: all). The model is in eval mode on its device;
-    source names the split for the error when not one image could be read."""
+def validate(model, batches, max_batches, lambda_gen, lambda_aux, source, text_for=None):
+    """(scores, thresholds): val_loss (lambda_gen * val_loss_gen + lambda_aux * val_loss_aux, as in
+    training), its two parts, val_auc_macro and val_f1_macro (at 0.5) of the aux head,
+    over the collated batches (None: every image unreadable), at most max_batches of them (0: all);
+    and each condition's F1-maximizing threshold on them (metrics.best_thresholds). text_for(batch):
+    None or forward's text_from_logits for it (diagnosis_prompt). The model is in eval mode on its
+    device; source names the split for the error when not one image could be read."""
     device = next(model.parameters()).device
     sums, n, probs, targets = torch.zeros(3, device=device), 0, [], []
     for i, b in enumerate(batches):
@@ -27,7 +29,7 @@ def validate(model, batches, max_batches, lambda_gen, lambda_aux, source):
             break
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         out = model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'], lambda_gen=lambda_gen,
-                    lambda_aux=lambda_aux)
+                    lambda_aux=lambda_aux, text_from_logits=text_for(b) if text_for else None)
         k = len(b['ids'])
         sums += torch.stack([out['loss'], out['loss_gen'], out['loss_aux']]).float() * k
         n += k
@@ -38,21 +40,26 @@ def validate(model, batches, max_batches, lambda_gen, lambda_aux, source):
     loss, gen, aux = (sums / n).tolist()
     probs, targets = torch.cat(probs).numpy(), torch.cat(targets).numpy()
     aucs = [a for a in auc_per_condition(targets, probs) if a == a]  # NaN: one class only
+    thresholds = best_thresholds(targets, probs)
     return dict(val_loss_gen=gen, val_loss_aux=aux, val_loss=loss, val_auc_macro=sum(aucs) / max(1, len(aucs)),
-                val_f1_macro=clinical_scores(targets > 0.5, probs > 0.5)['macro14']['f1'])
+                val_f1_macro=clinical_scores(targets > 0.5, probs > 0.5)['macro14']['f1']), thresholds
 
 
-def sample_reports(model, dataset, tok, n, max_len, context=False, target='both'):
+@torch.no_grad()
+def sample_reports(model, dataset, tok, n, max_len, context=False, target='both', diagnosis=False, thresholds=None):
     """[(id, reference, report)] for the first n readable samples of a ReportDataset: greedy
-    reports of model (on its device), with the indication ahead of the prompt if context."""
+    reports of model (on its device), with the indication ahead of the prompt if context, and
+    the aux head's decisions at `thresholds` in words if diagnosis."""
     items = [x for x in (dataset[i] for i in range(min(n, len(dataset)))) if x is not None]
     if not items:
         return []
     device = next(model.parameters()).device
     by_id = {r['id']: r for r in dataset.records}
+    enc = model.encode(torch.stack([x['image'] for x in items]).to(device))
+    decisions = decide(enc['cond_logits'].float().sigmoid().cpu().numpy(), thresholds).tolist() if diagnosis else None
     prompts, mask = data.prompt_batch(tok, dataset.prompt, [by_id[x['id']].get('indication', '') if context else ''
-                                                            for x in items])
-    ids = model.generate(torch.stack([x['image'] for x in items]).to(device), prompts.to(device), prompt_mask=mask,
+                                                            for x in items], decisions)
+    ids = model.generate(None, prompts.to(device), visual_tokens=enc['visual_tokens'], prompt_mask=mask,
                          num_beams=1, min_length=1, max_length=max_len)
     reports = data.decode_reports(tok, ids, prompts.shape[1], dataset.prompt)
     return [(x['id'], data.target_text(by_id[x['id']], target), report) for x, report in zip(items, reports)]
