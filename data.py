@@ -296,12 +296,18 @@ def path_problem(name):
 
 
 # --- dataset ---------------------------------------------------------------------
-def read_jsonl(path, required, check=None):
-    """The records of a JSON-lines file, each checked for the `required` keys and by
-    check(record), which returns what is wrong or None; errors name the file and line."""
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+def read_jsonl(path, required, check=None, unique=None):
+    """The records of a UTF-8 JSON-lines file, each checked for the `required` keys and by
+    check(record), which returns what is wrong or None; with `unique`, that key's value may
+    not repeat. Errors name the file and line (and the first line of a repeated value)."""
+    records, seen = [], {}
+    with open(path, 'rb') as f:  # decoded line by line, so a bad byte is named by its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
             try:
@@ -316,6 +322,12 @@ def read_jsonl(path, required, check=None):
             problem = check(record) if check else None
             if problem:
                 raise ValueError(f"{path}:{n}: {problem}")
+            if unique:
+                key = str(record[unique])
+                if key in seen:
+                    raise ValueError(f"{path}:{n}: {unique} {key!r} again (first at line {seen[key]}): "
+                                     f"each record must be there once")
+                seen[key] = n
             records.append(record)
     return records
 
