@@ -102,8 +102,7 @@ def example_images(config, directory, n):
     `directory`, or else the test images of a phantom-trained run (one per new set of
     findings, so they differ)."""
     if directory:
-        files = sorted(f for f in os.listdir(directory) if f.lower().endswith(('.png', '.jpg', '.jpeg')))
-        records = [dict(id=f, path=os.path.join(directory, f)) for f in files]
+        records = [dict(id=os.path.basename(f), path=f) for f in data.image_files(directory, ('.png', '.jpg', '.jpeg'))]
     elif config.get('dataset') == 'phantom' and os.path.isfile(os.path.join(config['data_dir'], 'test.jsonl')):
         seen, records = set(), []
         for r in data.read_split(config['data_dir'], 'test'):
@@ -118,6 +117,10 @@ def example_images(config, directory, n):
     for r in records:
         if len(chosen) == n:
             break
+        problem = data.file_problem(r['path'])  # before open: a FIFO would block the start for ever
+        if problem:
+            print(f"warning: example {r['path']} left out: {problem}", file=sys.stderr)
+            continue
         with open(r['path'], 'rb') as f:
             body = f.read()
         try:

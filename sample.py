@@ -41,12 +41,14 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.dcm')
 
 
 def list_images(path):
+    """The image files to run: a directory's by their names, or the one path given. What is not
+    a regular file among them (a FIFO, a directory named x.png) is reported when it is read."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = data.image_files(path, IMAGE_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(f"no .png/.jpg/.jpeg images in directory {path}")
+            raise FileNotFoundError(f"no .png/.jpg/.jpeg/.dcm images in directory {path}")
         return files
-    if not os.path.exists(path):
+    if not os.path.lexists(path):  # a broken symlink or a loop is there, and read_images names it
         raise FileNotFoundError(f"images={path!r}: no such file or directory")
     return [path]
 

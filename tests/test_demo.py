@@ -397,3 +397,16 @@ def test_the_command_line_serves_until_ctrl_c_and_a_taken_port_is_named(tiny_run
     finally:
         p.kill()
         p.wait()
+
+
+def test_examples_that_are_not_regular_files_are_left_out_unopened(phantom_dir, tmp_path, capsys):
+    """Issue 26: a FIFO named x.png in --examples blocked the start for ever; a directory or a
+    symlink loop so named stopped it with a traceback."""
+    from conftest import NeverOpened, special_files
+    special = special_files(tmp_path)
+    (tmp_path / 'a.png').write_bytes(open(phantom_images(phantom_dir)[0], 'rb').read())
+    with NeverOpened(special[:1]) as guard:
+        chosen = demo.example_images({}, str(tmp_path), 10)
+    assert guard.released == 0 and [d['id'] for _, d in chosen] == ['a.png']
+    err = capsys.readouterr().err
+    assert all(path in err for path in special)

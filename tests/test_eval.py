@@ -213,3 +213,29 @@ def test_a_2mb_pair_scores_within_a_memory_limit(tmp_path):
     assert 'huge' in r.stderr and 'fine' not in r.stderr  # the cut record is named, the other is not
     m = json.loads((tmp_path / 'big_metrics.json').read_text())
     assert m['clipped_ids'] == ['huge'] and m['systems']['model']['nlg']['pairs'] == 2
+
+
+@pytest.mark.filterwarnings(r'ignore:\s*The hypothesis contains 0 counts')
+def test_images_that_are_not_regular_files_are_skipped_not_opened(random_run, phantom_dir, tmp_path, capsys):
+    """Issue 26: eval.py reads the split's images (generation) and the train images (the retrieval
+    baseline): a FIFO among them blocked for ever."""
+    import shutil
+    import data
+    from chexquery import load_checkpoint, save_checkpoint
+    from conftest import NeverOpened
+    copy = tmp_path / 'data'
+    shutil.copytree(phantom_dir, copy)
+    test, train = data.read_split(str(copy), 'test')[:4], data.read_split(str(copy), 'train')
+    fifos = [str(copy / test[1]['image']), str(copy / train[0]['image'])]
+    for f in fifos:
+        os.unlink(f)
+        os.mkfifo(f)
+    model, meta = load_checkpoint(random_run)
+    save_checkpoint(tmp_path / 'ckpt.safetensors', model, dict(config=dict(meta['config'], data_dir=str(copy))))
+    with NeverOpened(fifos) as guard:
+        records, _ = ev.generate_predictions(str(tmp_path), 'test', max_samples=4, num_beams=1, max_length=8,
+                                             min_length=1)
+        m = ev.score(records, train_dir=str(copy))
+    assert guard.released == 0
+    assert [r['id'] for r in records] == [test[i]['id'] for i in (0, 2, 3)]  # the other three still run
+    assert fifos[0] in capsys.readouterr().err and 'nearest train image' not in m['systems']  # said, and left out

@@ -148,3 +148,27 @@ def test_load_model_folds_lora_into_the_weights(tiny_run):
     torch.testing.assert_close(a['cond_logits'], b['cond_logits'], atol=1e-4, rtol=1e-4)
     kw = dict(num_beams=2, min_length=5, max_length=30)
     assert torch.equal(merged.generate(images, [0], **kw), plain.generate(images, [0], **kw))
+
+
+def test_what_is_not_a_regular_file_is_skipped_and_the_rest_of_its_batch_still_runs(random_run, phantom_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Issue 26: a FIFO named x.png in --images blocked for ever, and the good images of its batch
+    were never printed. Each kind is named; the good ones are reported."""
+    from conftest import NeverOpened, special_files
+    d = image_dir(phantom_dir, tmp_path)
+    (d / 'f_broken.png').unlink()
+    special = special_files(d)
+    for k, v in dict(out_dir=random_run, images=str(d), json=True, batch_size=8, num_beams=1, max_length=8,
+                     min_length=1).items():
+        monkeypatch.setattr(sample, k, v)
+    with NeverOpened(special[:1]) as guard, pytest.raises(SystemExit) as e:
+        sample.main()
+    assert guard.released == 0 and e.value.code == 1
+    out, err = capsys.readouterr()
+    assert sorted(os.path.basename(json.loads(line)['image']) for line in out.strip().split('\n')) == \
+        ['a_gray.png', 'b_rgb.jpg', 'c_palette.png', 'd_16bit.png', 'e_rgba.png']
+    assert all(path in err for path in special)
+    monkeypatch.setattr(sample, 'images', special[0])  # named on its own
+    with NeverOpened(special[:1]) as guard, pytest.raises(SystemExit):
+        sample.main()
+    assert guard.released == 0 and 'FIFO' in capsys.readouterr().err
