@@ -23,7 +23,9 @@ It reports:
 - on phantom data, grounding of each anatomical query in its region's box: the share of its
   attention inside, and pointing, how often its peak patch touches the box, each beside chance.
 
-Honest counting: an empty (or null) hypothesis stays in and scores 0 on every text metric;
+Honest counting: a predictions file is checked before anything is scored (each id once, each
+field of its type, 14 finite probabilities, UTF-8), errors naming the file, line and id;
+an empty (or null) hypothesis stays in and scores 0 on every text metric;
 a record whose reference is empty is the data's fault, left out of the text and clinical
 scores and named (the aux AUC, which reads its labels, keeps it).
 A report is scored on its first metrics.MAX_TOKENS (1,000) tokens (words and punctuation
