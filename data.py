@@ -11,6 +11,7 @@ dataset made it.
 import hashlib
 import json
 import os
+import stat
 import sys
 import warnings
 
@@ -25,12 +26,40 @@ MEAN = STD = (0.5, 0.5, 0.5)             # SigLIP's normalization
 
 # --- images ----------------------------------------------------------------------
 DICOM_EXTENSIONS = ('.dcm', '.dicom')
+# stat's tests of the kinds of file that are not regular files, and their names
+SPECIAL_FILES = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO (named pipe)'), (stat.S_ISSOCK, 'a socket'),
+                 (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'))
+
+
+def file_problem(path):
+    """Why `path` cannot be read as an image file, or None when it is a regular file (a symlink
+    is followed). Asked of the file's stat before anything opens it: opening a FIFO waits for
+    a writer forever, and a device or a directory is never an image."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return 'image file not found'
+    except OSError as e:  # a symlink loop, no permission, a name too long
+        return f"cannot be opened ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in SPECIAL_FILES if test(mode)), 'not a regular file') + ', not an image file'
+
+
+def image_files(directory, extensions):
+    """The paths of a directory's entries whose names end in one of `extensions` (any case),
+    sorted; whether each is a readable file is left to its reader (file_problem)."""
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.lower().endswith(extensions))
 
 
 def load_image(path):
     """An RGB PIL image from any common mode (L, I;16, I, F, RGB, RGBA, LA, P), or from a
     DICOM file (.dcm, or any file with DICOM's 'DICM' preamble; needs pydicom).
-    Raises ValueError naming the file for anything unreadable."""
+    Raises ValueError naming the file for anything unreadable, and for anything that is not
+    a regular file (a FIFO, a directory, ...) before opening it."""
+    problem = file_problem(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     if str(path).lower().endswith(DICOM_EXTENSIONS):
         return load_dicom(path)
     try:
@@ -343,12 +372,18 @@ def path_problem(name):
 
 
 # --- dataset ---------------------------------------------------------------------
-def read_jsonl(path, required, check=None):
-    """The records of a JSON-lines file, each checked for the `required` keys and by
-    check(record), which returns what is wrong or None; errors name the file and line."""
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+def read_jsonl(path, required, check=None, unique=None):
+    """The records of a UTF-8 JSON-lines file, each checked for the `required` keys and by
+    check(record), which returns what is wrong or None; with `unique`, that key's value may
+    not repeat. Errors name the file and line (and the first line of a repeated value)."""
+    records, seen = [], {}
+    with open(path, 'rb') as f:  # decoded line by line, so a bad byte is named by its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
             try:
@@ -363,6 +398,12 @@ def read_jsonl(path, required, check=None):
             problem = check(record) if check else None
             if problem:
                 raise ValueError(f"{path}:{n}: {problem}")
+            if unique:
+                key = str(record[unique])
+                if key in seen:
+                    raise ValueError(f"{path}:{n}: {unique} {key!r} again (first at line {seen[key]}): "
+                                     f"each record must be there once")
+                seen[key] = n
             records.append(record)
     return records
 

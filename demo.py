@@ -14,10 +14,15 @@ takes the raw image bytes as the request body and answers JSON; a bad request ge
 a 4xx {"error": ...} that names the problem. Standard library only: the model
 loads once, a lock runs one request at a time through it, uploads stay in memory,
 and the only things a request can read are the page and the examples, by index.
+A burst of uploads is queued, up to max_queue at once, each waiting at most
+max_wait seconds for the model; the others get a 503 with Retry-After. The access
+log holds the method, the path and the status: never the query string, where the
+indication (clinical text) comes.
 """
 import base64
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -50,23 +55,29 @@ threshold = 0.5               # aux-head probability above which a condition is 
 max_upload_mb = 20            # a larger request body is refused before it is read
 max_pixels = 6000 * 6000      # a larger image is refused from its header, before it is decoded
 max_indication = 500          # characters
+max_queue = 8                 # uploads held at once (being read, waiting or in the model); more get a 503 at once
+max_wait = 60                 # seconds an upload may wait for the model; then a 503
 device = 'auto'
 dtype = 'auto'
 cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linears, kept freed memory, lean beam cache)
 globals().update(GENERATION)  # num_beams, max_length, ... : the model's defaults, overridable here
 # -----------------------------------------------------------------------------
+RELEASE_AFTER = 2**20         # bytes of an upload after which its freed memory is handed back to the OS
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.html')
 EXAMPLE = re.compile(r'/example/([0-9]{1,4})')  # an index, never a name: no request can name a file
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
-TYPES = {'PNG': 'image/png', 'JPEG': 'image/jpeg'}
+TYPES = {'PNG': 'image/png', 'JPEG': 'image/jpeg'}  # the decoders PIL may use
+# what PIL's JPEG decoder may call an image: MPO, a JPEG with more frames after the first (phones, stereo cameras)
+CONTENT_TYPES = dict(TYPES, MPO='image/jpeg')
+BACKLOG = 128                 # connections the kernel holds before they are accepted: a burst of uploads fits
 
 
 class RequestError(Exception):
     """A request the demo cannot serve: its HTTP status and a message naming the problem."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def decode_image(body, limit=None):
@@ -103,8 +114,7 @@ def example_images(config, directory, n):
     `directory`, or else the test images of a phantom-trained run (one per new set of
     findings, so they differ)."""
     if directory:
-        files = sorted(f for f in os.listdir(directory) if f.lower().endswith(('.png', '.jpg', '.jpeg')))
-        records = [dict(id=f, path=os.path.join(directory, f)) for f in files]
+        records = [dict(id=os.path.basename(f), path=f) for f in data.image_files(directory, ('.png', '.jpg', '.jpeg'))]
     elif config.get('dataset') == 'phantom' and os.path.isfile(os.path.join(config['data_dir'], 'test.jsonl')):
         seen, records = set(), []
         for r in data.read_split(config['data_dir'], 'test'):
@@ -119,6 +129,10 @@ def example_images(config, directory, n):
     for r in records:
         if len(chosen) == n:
             break
+        problem = data.file_problem(r['path'])  # before open: a FIFO would block the start for ever
+        if problem:
+            print(f"warning: example {r['path']} left out: {problem}", file=sys.stderr)
+            continue
         with open(r['path'], 'rb') as f:
             body = f.read()
         try:
@@ -126,7 +140,7 @@ def example_images(config, directory, n):
         except Exception as e:
             print(f"warning: example {r['path']} left out: not a readable PNG or JPEG ({e})", file=sys.stderr)
             continue
-        chosen.append((body, dict(id=r['id'], type=TYPES[kind], findings=r.get('findings', ''),
+        chosen.append((body, dict(id=r['id'], type=CONTENT_TYPES[kind], findings=r.get('findings', ''),
                                   indication=r.get('indication', ''), reference=r.get('report', ''))))
     return chosen
 
@@ -135,7 +149,7 @@ class Demo:
     """The model, loaded once, and what a request runs through it."""
 
     def __init__(self, path, dev='cpu', dtype='auto', cpu_kernels=False, generation=None, threshold=0.5,
-                 examples_dir='', n_examples=10):
+                 examples_dir='', n_examples=10, max_queue=8, max_wait=60):
         self.model, meta = load_checkpoint(path, dev, merge_lora=True)
         if dev == 'cpu' and cpu_kernels:
             hardware.use_cpu_kernels(self.model)
@@ -153,6 +167,11 @@ class Demo:
         self.checkpoint = dict(name=os.path.normpath(name), phase=meta.get('phase'), iter=meta.get('iter_num'),
                                dataset=self.config.get('dataset'))
         self.lock = threading.Lock()  # one request at a time through the model (and PIL's warning filters)
+        # a bounded queue: at most max_queue uploads in memory at once, each waiting at most max_wait
+        # seconds for the model; any other gets a 503 with Retry-After, never a dropped connection
+        self.uploads = threading.BoundedSemaphore(max_queue)
+        self.max_queue, self.max_wait = max_queue, max_wait
+        self.seconds = 1.0  # the last report's, for the Retry-After of a 503
 
     def info(self):
         """What the page shows before any image: the checkpoint, the settings, the examples."""
@@ -170,7 +189,9 @@ class Demo:
                 data.check_context(True, self.config, self.checkpoint['name'])
             except ValueError as e:
                 raise RequestError(400, str(e)) from None
-        with self.lock:
+        if not self.lock.acquire(timeout=self.max_wait):
+            raise self.busy(f"the model was busy for {self.max_wait} s")
+        try:
             start = time.perf_counter()
             image = decode_image(body)
             x = self.transform(image)[None].to(self.dev)
@@ -193,7 +214,17 @@ class Demo:
                                atlas=self.model.cfg.atlas).save(png, 'PNG')
                 out['attention_png'] = base64.b64encode(png.getvalue()).decode()
             out['seconds'] = round(time.perf_counter() - start, 3)
+            self.seconds = out['seconds']
             return out
+        finally:
+            self.lock.release()
+
+    def busy(self, why):
+        """The 503 for an upload that cannot be served in time, with the seconds the queue of
+        uploads takes to clear at the last report's pace."""
+        wait = max(1, math.ceil(self.seconds * self.max_queue))
+        return RequestError(503, f"{why}: too many uploads at once. Try again in {wait} s",
+                            {'Retry-After': str(wait)})
 
     def reports(self, visual_tokens, indication):
         """[report] from the visual tokens (1, T, D); [with, without] when there is an indication
@@ -211,21 +242,28 @@ class Handler(BaseHTTPRequestHandler):
     demo = None       # the Demo and the page's bytes, set by make_server
     page = b''
     timeout = 30      # seconds a client may stall mid-request before its connection is dropped
+    upload_bytes = 0  # the Content-Length of the request being served, when it is an upload
     server_version = 'CheXQueryDemo'
     default_request_version = 'HTTP/1.0'  # not 0.9, which answers without a status line or headers
 
     def do_GET(self):
         self.answer(self.get)
 
+    def do_HEAD(self):
+        self.answer(self.get)  # send() leaves the body out
+
     def do_POST(self):
+        self.upload_bytes = 0
         self.answer(self.post)
+        if self.upload_bytes > RELEASE_AFTER:  # its bytes and its decoded image are freed by now
+            hardware.release_freed_memory()
 
     def answer(self, route):
         try:
             route(urlsplit(self.path))
         except RequestError as e:
             self.close_connection = True  # an unread body must not be taken for the next request
-            self.send_json(e.status, dict(error=e.message))
+            self.send_json(e.status, dict(error=e.message), e.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left: nobody to answer
         except TimeoutError:
@@ -254,12 +292,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def post(self, url):
         # the body first: a connection closed on unread bytes is reset, and the client may lose
-        # the error it was sent (only a body over the limit is never read)
-        body = self.body()
-        if url.path != '/api/report':
-            raise RequestError(404, f"nothing to POST to at {url.path[:200]!r}: the API is POST /api/report")
-        indication, attention = self.params(url.query)
-        self.send_json(200, self.demo.report(body, indication, attention))
+        # the error it was sent (only a body over the limit is never read). Without a place in
+        # the queue it is read and dropped, and the answer is a 503.
+        n = self.content_length()
+        queued = self.demo.uploads.acquire(blocking=False)
+        try:
+            body = self.body(n, keep=queued)
+            if url.path != '/api/report':
+                raise RequestError(404, f"nothing to POST to at {url.path[:200]!r}: the API is POST /api/report")
+            indication, attention = self.params(url.query)
+            if not queued:
+                raise self.demo.busy(f"{self.demo.max_queue} uploads are being served")
+            self.send_json(200, self.demo.report(body, indication, attention))
+        finally:
+            if queued:
+                self.demo.uploads.release()
 
     def params(self, query):
         """(indication, attention) from the query string; anything else is an error."""
@@ -281,8 +328,8 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"attention must be 0 or 1, got {attention[:20]!r}")
         return indication, attention == '1'
 
-    def body(self):
-        """The request body, its length checked before a byte of it is read."""
+    def content_length(self):
+        """The request body's length, checked before a byte of it is read."""
         if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
             raise RequestError(411, "chunked uploads are not supported: send the image with a Content-Length")
         length = self.headers.get('Content-Length')
@@ -294,14 +341,27 @@ class Handler(BaseHTTPRequestHandler):
         if n > limit:
             raise RequestError(413, f"the upload is {n:,} bytes ({n / 2**20:.1f} MB), over the limit of "
                                     f"{max_upload_mb} MB")
-        body = self.rfile.read(n)  # in memory only, never written to disk
-        if len(body) < n:
-            raise RequestError(400, f"the body ended after {len(body):,} of the {n:,} bytes its Content-Length "
-                                    f"announced")
-        return body
+        self.upload_bytes = n
+        return n
 
-    def send(self, status, body, content_type):
+    def body(self, n, keep=True):
+        """The n bytes of the request body, in memory only, never written to disk; read in pieces
+        and dropped (b'') when not kept."""
+        parts, got = [], 0
+        while got < n:
+            part = self.rfile.read(min(n - got, 2**20))
+            if not part:
+                raise RequestError(400, f"the body ended after {got:,} of the {n:,} bytes its Content-Length "
+                                        f"announced")
+            got += len(part)
+            if keep:
+                parts.append(part)
+        return b''.join(parts)
+
+    def send(self, status, body, content_type, headers=None):
         self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header('Content-Type', content_type)
         self.send_header('Content-Length', str(len(body)))
         self.send_header('Cache-Control', 'no-store')
@@ -315,8 +375,14 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != 'HEAD':
             self.wfile.write(body)
 
-    def send_json(self, status, obj):
-        self.send(status, json.dumps(obj).encode(), 'application/json')
+    def send_json(self, status, obj, headers=None):
+        self.send(status, json.dumps(obj).encode(), 'application/json', headers)
+
+    def log_request(self, code='-', size='-'):
+        """The access log: the method, the path and the status, never the query string (the
+        indication, clinical text, comes in it) or anything of the body."""
+        path = urlsplit(self.path).path[:200] if self.command else '-'  # no command: the request line was bad
+        self.log_message('"%s %s" %s', self.command or '-', path, getattr(code, 'value', code))
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line or header, an unknown method), as JSON too."""
@@ -341,7 +407,8 @@ def make_server(demo, host='127.0.0.1', port=8000):
         page = f.read()
     handler = type('DemoHandler', (Handler,), dict(demo=demo, page=page))
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    server_class = type('DemoServer', (ThreadingHTTPServer,), dict(address_family=family, daemon_threads=True))
+    server_class = type('DemoServer', (ThreadingHTTPServer,), dict(address_family=family, daemon_threads=True,
+                                                                   request_queue_size=BACKLOG))
     return server_class((host, port), handler)
 
 
@@ -353,7 +420,7 @@ def main():
     dev = hardware.resolve_device(device)
     demo = server.RequestHandlerClass.demo = Demo(ckpt or out_dir, dev, dtype, cpu_kernels,
                                                   {k: globals()[k] for k in GENERATION}, threshold, examples,
-                                                  n_examples)
+                                                  n_examples, max_queue, max_wait)
     if host_warning(host):
         print(host_warning(host), file=sys.stderr)
     name = f'[{host}]' if ':' in host else host

@@ -28,7 +28,9 @@ It reports:
 - on phantom data, grounding of each anatomical query in its region's box: the share of its
   attention inside, and pointing, how often its peak patch touches the box, each beside chance.
 
-Honest counting: an empty (or null) hypothesis stays in and scores 0 on every text metric;
+Honest counting: a predictions file is checked before anything is scored (each id once, each
+field of its type, 14 finite probabilities, UTF-8), errors naming the file, line and id;
+an empty (or null) hypothesis stays in and scores 0 on every text metric;
 a record whose reference is empty is the data's fault, left out of the text and clinical
 scores and named (the aux AUC, which reads its labels, keeps it).
 A report is scored on its first metrics.MAX_TOKENS (1,000) tokens (words and punctuation
@@ -38,6 +40,7 @@ which once took 24 GB (ROUGE-L's LCS table is tokens x tokens), scores in second
 the ~0.75 GB that eval.py's imports take anyway.
 """
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -206,8 +209,41 @@ def cut_to_section(records, name):
     return kept
 
 
+def prediction_problem(r):
+    """What is wrong with a prediction record's fields, or None: every one that is scored has
+    its type checked here, so a bad file is named before anything is scored."""
+    k = r['id']
+    if isinstance(k, bool) or not isinstance(k, (str, int)):
+        return f"id must be text or an integer, not {type(k).__name__} {str(k)[:40]}"
+    for key in ('reference', 'hypothesis'):
+        if r[key] is not None and not isinstance(r[key], str):
+            return f"record {k!r}: {key} must be text (or null), not {type(r[key]).__name__} {str(r[key])[:40]}"
+    for key, ok, what in (('probabilities', lambda v: is_number(v) and math.isfinite(v), 'finite numbers'),
+                          ('labels', lambda v: v is None or (is_number(v) and v in (-1, 0, 1)),
+                           'labels (1, 0, -1 or null)')):
+        v = r.get(key)
+        if key not in r:
+            continue
+        if not isinstance(v, list) or len(v) != len(CONDITIONS):
+            return (f"record {k!r}: {key} must be a list of {len(CONDITIONS)} {what}, one per condition, "
+                    f"not {json.dumps(v)[:80]}")
+        bad = [j for j, x in enumerate(v) if not ok(x)]
+        if bad:
+            return (f"record {k!r}: {key} must be {what}, but {CONDITIONS[bad[0]]}'s (entry {bad[0]}) is "
+                    f"{json.dumps(v[bad[0]])}")
+    if r.get('target', 'both') not in data.TARGETS:
+        return f"record {k!r}: target must be one of {', '.join(data.TARGETS)}, not {r['target']!r}"
+    return None
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_predictions(path):
-    records = data.read_jsonl(path, ('id', 'reference', 'hypothesis'))
+    """The records of a predictions file, each checked (prediction_problem) and each id once: a
+    repeated prediction would be scored twice. Errors name the file, the line and the id."""
+    records = data.read_jsonl(path, ('id', 'reference', 'hypothesis'), prediction_problem, unique='id')
     if not records:
         raise ValueError(f"{path} holds no predictions")
     return records

@@ -174,7 +174,8 @@ def keep_freed_memory():
 
 def release_freed_memory():
     """Hands freed heap pages back to the OS (glibc's malloc_trim); bench.py calls it
-    before resetting the peak-memory mark, so each measurement has its own peak."""
+    before resetting the peak-memory mark, so each measurement has its own peak, and
+    demo.py after a large upload. A no-op without glibc."""
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -409,10 +409,23 @@ def r2gen_check(split_file, ann, match, examples, where, forms):
                              f"{examples[split][:3]}). Expected names like {forms}")
 
 
+def r2gen_claim(split_file, claimed, things, split, i, item):
+    """Records that item i of split holds `things` (its images, its study); raises ValueError naming
+    both items when another split's item holds one of them: that study would be in two splits, a
+    leak. Twice within one split is left as it is."""
+    for thing in things:
+        other = claimed.setdefault(thing, (split, i, item['id']))
+        if other[0] != split:
+            raise ValueError(f"{split_file}: {split} item {i} (id {item['id']!r}) and {other[0]} item {other[1]} "
+                             f"(id {other[2]!r}) hold the same {thing[0]} {thing[1]!r}: a study in two splits "
+                             f"leaks from training into evaluation. Keep it in one split")
+
+
 def iu_r2gen_records(split_file, reports_csv, projections_csv, files=None, references='ours'):
     """IU X-ray records on the split of an R2Gen-format file: per item, its names matched to the
     download's files (files: the names present on disk; None: the projections table's, unchecked),
-    the first frontal one its image (one record per item, as papers score them). Returns
+    the first frontal one its image (one record per item, as papers score them). An image or a
+    uid in two splits is an error (r2gen_claim). Returns
     ({split: [record]}, Counter of dropped reasons, {split: {items, matched, no frontal image, no file}})."""
     from chexpert import label_report
     ann = read_r2gen(split_file, need_report=references == 'annotation')
@@ -438,9 +451,12 @@ def iu_r2gen_records(split_file, reports_csv, projections_csv, files=None, refer
         return list(dict.fromkeys(names))
 
     out, dropped, match, examples = r2gen_tally(ann)
+    claimed = {}
     for split, items in ann.items():
-        for item in items:
+        for i, item in enumerate(items):
             names = found(item)
+            r2gen_claim(split_file, claimed, [('image', n) for n in names] +
+                        [('IU study (uid)', projection[n][0]) for n in names], split, i, item)
             frontal = [n for n in names if projection[n][1] == 'frontal']
             if not frontal:
                 match[split]['no frontal image' if names else 'no file'] += 1
@@ -474,13 +490,14 @@ def mimic_r2gen_records(split_file, src, references='ours', check_files=True):
     """MIMIC-CXR records on the split of an R2Gen-format file (names 'p10/p10000032/s50414267/
     <dicom_id>.jpg'): per item, its dicom_ids found in the metadata (and on disk, .jpg or .dcm,
     with check_files), the first PA or AP one its image; the official CheXpert labels, our
-    sections or the file's text. Returns what iu_r2gen_records does."""
+    sections or the file's text. An image or a study in two splits is an error. Returns what
+    iu_r2gen_records does."""
     ann = read_r2gen(split_file, need_report=references == 'annotation')
     meta, meta_csv, label_of = mimic_tables(src)
     rows = {m['dicom_id']: (row, m) for row, m in enumerate(meta, 1)}
-    (out, dropped, match, examples), reports = r2gen_tally(ann), {}
+    (out, dropped, match, examples), reports, claimed = r2gen_tally(ann), {}, {}
     for split, items in ann.items():
-        for item in items:
+        for i, item in enumerate(items):
             found = []
             for name in item['image_path']:
                 dicom_id = strip_extensions(name.replace('\\', '/').split('/')[-1])
@@ -488,6 +505,8 @@ def mimic_r2gen_records(split_file, src, references='ours', check_files=True):
                     image, report = mimic_paths(rows[dicom_id][1], meta_csv, rows[dicom_id][0])
                     if not check_files or os.path.isfile(os.path.join(src, mimic_source(src, image))):
                         found.append((rows[dicom_id][1], image, report))
+            r2gen_claim(split_file, claimed, [('image', m['dicom_id']) for m, _, _ in found] +
+                        [('MIMIC-CXR study', m['study_id']) for m, _, _ in found], split, i, item)
             frontal = [f for f in found if f[0]['ViewPosition'] in ('PA', 'AP')]
             if not frontal:
                 match[split]['no frontal image' if found else 'no file'] += 1

@@ -8,13 +8,18 @@ Writes reports for chest X-rays with a trained checkpoint:
 For each image: the report "Findings: ... | Impression: ...", and the aux
 head's 14 CheXpert probabilities, sorted, with the threshold. With
 attention_dir, a PNG grid of the 20 queries' cross-attention maps over the
-X-ray (14 conditions, 6 regions, each labelled) and the gate value.
+X-ray (14 conditions, 6 regions, each labelled) and the gate value, named
+after the image with its extension (xray.png_attention.png; see grid_path).
 """
+import hashlib
+import itertools
 import json as jsonlib
 import os
 import sys
 
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import data
 import hardware
@@ -39,15 +44,18 @@ cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linear
 globals().update(GENERATION)  # num_beams, no_repeat_ngram_size, ... : the model's defaults, overridable here
 # -----------------------------------------------------------------------------
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.dcm')
+GRID_SOURCE = 'chexquery-source-sha256'  # a grid's PNG text: whose grid it is, without naming the file
 
 
 def list_images(path):
+    """The image files to run: a directory's by their names, or the one path given. What is not
+    a regular file among them (a FIFO, a directory named x.png) is reported when it is read."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = data.image_files(path, IMAGE_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(f"no .png/.jpg/.jpeg images in directory {path}")
+            raise FileNotFoundError(f"no .png/.jpg/.jpeg/.dcm images in directory {path}")
         return files
-    if not os.path.exists(path):
+    if not os.path.lexists(path):  # a broken symlink or a loop is there, and read_images names it
         raise FileNotFoundError(f"images={path!r}: no such file or directory")
     return [path]
 
@@ -62,6 +70,30 @@ def read_images(paths):
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
     return loaded
+
+
+def grid_path(directory, image, written):
+    """Where an image's attention grid goes: its file name with the extension kept
+    (x.png -> x.png_attention.png, so x.png, x.jpg and x.dcm differ), with a number added
+    (x.png_attention-2.png) while that name is taken by another image's grid: one written
+    earlier in this run (`written`, {path: source}) or left by an earlier run. Each grid
+    records a digest of its image's absolute path, so a rerun replaces its own grids only."""
+    source = hashlib.sha256(os.path.abspath(image).encode()).hexdigest()[:16]
+    for n in itertools.count(1):
+        path = os.path.join(directory, f"{os.path.basename(image)}_attention{f'-{n}' if n > 1 else ''}.png")
+        if path in written or (os.path.lexists(path) and grid_source(path) != source):
+            continue
+        written[path] = source
+        return path, source
+
+
+def grid_source(path):
+    """The source digest a grid recorded, or None (not a grid of ours, or unreadable)."""
+    try:
+        with Image.open(path) as im:
+            return im.text.get(GRID_SOURCE)
+    except Exception:  # whatever is at that name, it is not one of our grids
+        return None
 
 
 def main():
@@ -81,7 +113,7 @@ def main():
     generation = {k: globals()[k] for k in GENERATION}
     if attention_dir:
         os.makedirs(attention_dir, exist_ok=True)
-    failed = 0
+    failed, written = 0, {}
     for start in range(0, len(files), batch_size):
         batch = files[start:start + batch_size]
         loaded = read_images(batch)  # one bad file is reported, the rest still run
@@ -99,9 +131,11 @@ def main():
             record = dict(image=f, report=reports[i].strip(), probabilities=p, threshold=threshold,
                           present=[c for c, v in p.items() if v >= threshold], gate=round(enc['gate'][i].item(), 4))
             if attention_dir:
-                png = os.path.join(attention_dir, os.path.splitext(os.path.basename(f))[0] + '_attention.png')
+                png, source = grid_path(attention_dir, f, written)
+                info = PngInfo()
+                info.add_text(GRID_SOURCE, source)
                 attention_grid(im, enc['attention'][i].float().cpu().numpy(), record['gate'], os.path.basename(f),
-                               prior=model.cfg.anatomical_prior, atlas=model.cfg.atlas).save(png)
+                               prior=model.cfg.anatomical_prior, atlas=model.cfg.atlas).save(png, pnginfo=info)
                 record['attention_png'] = png
             if json:
                 print(jsonlib.dumps(record))

@@ -181,3 +181,57 @@ def random_run(phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('random_run')
     save_checkpoint(out / 'ckpt.safetensors', model, dict(config=config))
     return str(out)
+
+
+# --- files that are not regular files ---------------------------------------------------
+SPECIAL = ('b_fifo.png', 'c_directory.png', 'd_loop.png', 'e_device.png', 'f_socket.jpg')
+
+
+def special_files(directory):
+    """Puts in `directory` one of each kind of thing that is named like an image but is not a
+    regular file (SPECIAL: a FIFO, a directory, a symlink loop, a device, a socket); their paths."""
+    import socket
+    d = str(directory)
+    os.mkfifo(os.path.join(d, 'b_fifo.png'))
+    os.mkdir(os.path.join(d, 'c_directory.png'))
+    os.symlink('d_loop.png', os.path.join(d, 'd_loop.png'))
+    os.symlink(os.devnull, os.path.join(d, 'e_device.png'))
+    cwd = os.getcwd()
+    os.chdir(d)  # a relative name: a socket's path is limited to ~107 bytes
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind('f_socket.jpg')
+    finally:
+        os.chdir(cwd)
+    return [os.path.join(d, name) for name in SPECIAL]
+
+
+class NeverOpened:
+    """A context in which any reader that opens one of `fifos` is released after `seconds` (by
+    opening its writing end), so code that blocks on a FIFO fails the test instead of hanging it;
+    .released counts the readers that had to be released."""
+
+    def __init__(self, fifos, seconds=20):
+        import threading
+        self.fifos, self.seconds, self.released = fifos, seconds, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self):
+        if self.stop.wait(self.seconds):
+            return
+        while not self.stop.wait(0.2):
+            for f in self.fifos:
+                try:
+                    os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))  # only succeeds while a reader waits
+                    self.released += 1
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()

@@ -140,3 +140,18 @@ def test_bad_image_in_training_is_skipped_warned_once_and_counted(phantom_dir, t
     b = data.collate([ds[0], ds[1], ds[2]])
     assert b['skipped'] == 1 and len(b['ids']) == 2 and b['image'].shape[0] == 2
     assert data.collate([None, None]) is None
+
+
+def test_what_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path):
+    """Issue 26: opening a FIFO named x.png waited for a writer for ever."""
+    from conftest import NeverOpened, special_files
+    paths = special_files(tmp_path)
+    with NeverOpened(paths[:1]) as guard:
+        for path, kind in zip(paths, ('FIFO', 'directory', 'Too many levels of symbolic links', 'character device',
+                                      'socket')):
+            with pytest.raises(ValueError, match=rf'{path}: .*{kind}'):
+                data.load_image(path)
+    assert guard.released == 0
+    assert data.file_problem(str(tmp_path / 'missing.png')) == 'image file not found'
+    Image.new('L', (8, 8)).save(tmp_path / 'fine.png')
+    assert data.file_problem(str(tmp_path / 'fine.png')) is None

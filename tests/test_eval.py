@@ -108,6 +108,46 @@ def test_bad_predictions_files_name_the_file_and_line(tmp_path):
         ev.read_predictions(str(tmp_path / 'empty.jsonl'))
 
 
+def test_a_repeated_id_is_an_error_not_a_second_score(tmp_path, monkeypatch):
+    """Issue 26: 20 records and 10 copies of a right one were all scored (BLEU-4 and CIDEr-D doubled)."""
+    rows = prediction_records(4)
+    write_predictions(tmp_path / 'p.jsonl', rows + [dict(rows[1])])
+    with pytest.raises(ValueError, match=r"p\.jsonl:5: id '1' again \(first at line 2\)"):
+        ev.read_predictions(str(tmp_path / 'p.jsonl'))
+    monkeypatch.setattr(ev, 'predictions', str(tmp_path / 'p.jsonl'))
+    with pytest.raises(ValueError):
+        ev.main()
+    assert not (tmp_path / 'p_metrics.json').exists()  # nothing scored
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('reference', 5, 'reference must be text'),
+    ('hypothesis', ['Findings:', 'x'], 'hypothesis must be text'),
+    ('id', ['2'], 'id must be text or an integer'),
+    ('probabilities', [0.1, 0.2, 0.3], 'list of 14 finite numbers'),
+    ('probabilities', 0.5, 'list of 14 finite numbers'),
+    ('probabilities', [0.5] * 13 + ['0.5'], "Support Devices's \\(entry 13\\)"),
+    ('probabilities', [0.5] * 5 + [float('nan')] + [0.5] * 8, r'\(entry 5\) is NaN'),
+    ('probabilities', [float('inf')] + [0.5] * 13, r'\(entry 0\) is Infinity'),
+    ('labels', [None] * 13 + [2], r'labels \(1, 0, -1 or null\)'),
+    ('target', 'summary', 'target must be one of'),
+])
+def test_an_ill_typed_prediction_names_the_file_line_and_id(tmp_path, field, value, words):
+    rows = prediction_records(4)
+    rows[2][field] = value
+    write_predictions(tmp_path / 'p.jsonl', rows)
+    with pytest.raises(ValueError, match=r'p\.jsonl:3: ' + ('' if field == 'id' else "record '2': ") + '.*' + words):
+        ev.read_predictions(str(tmp_path / 'p.jsonl'))
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
+    lines = [json.dumps(r).encode() for r in prediction_records(3)]
+    lines[1] = lines[1].replace(b'Small', b'Sm\xe9ll')  # Latin-1
+    (tmp_path / 'p.jsonl').write_bytes(b'\n'.join(lines) + b'\n')
+    with pytest.raises(ValueError, match=r'p\.jsonl:2: not UTF-8 text \(byte 0xe9'):
+        ev.read_predictions(str(tmp_path / 'p.jsonl'))
+
+
 def seed_metrics(b4, f1, auc, share, pointing):
     return dict(n=10, systems=dict(model=dict(nlg=dict(bleu4=b4), clinical=dict(micro14=dict(f1=f1),
                                                                              macro14=dict(f1=f1 / 2)))),
@@ -173,3 +213,29 @@ def test_a_2mb_pair_scores_within_a_memory_limit(tmp_path):
     assert 'huge' in r.stderr and 'fine' not in r.stderr  # the cut record is named, the other is not
     m = json.loads((tmp_path / 'big_metrics.json').read_text())
     assert m['clipped_ids'] == ['huge'] and m['systems']['model']['nlg']['pairs'] == 2
+
+
+@pytest.mark.filterwarnings(r'ignore:\s*The hypothesis contains 0 counts')
+def test_images_that_are_not_regular_files_are_skipped_not_opened(random_run, phantom_dir, tmp_path, capsys):
+    """Issue 26: eval.py reads the split's images (generation) and the train images (the retrieval
+    baseline): a FIFO among them blocked for ever."""
+    import shutil
+    import data
+    from chexquery import load_checkpoint, save_checkpoint
+    from conftest import NeverOpened
+    copy = tmp_path / 'data'
+    shutil.copytree(phantom_dir, copy)
+    test, train = data.read_split(str(copy), 'test')[:4], data.read_split(str(copy), 'train')
+    fifos = [str(copy / test[1]['image']), str(copy / train[0]['image'])]
+    for f in fifos:
+        os.unlink(f)
+        os.mkfifo(f)
+    model, meta = load_checkpoint(random_run)
+    save_checkpoint(tmp_path / 'ckpt.safetensors', model, dict(config=dict(meta['config'], data_dir=str(copy))))
+    with NeverOpened(fifos) as guard:
+        records, _ = ev.generate_predictions(str(tmp_path), 'test', max_samples=4, num_beams=1, max_length=8,
+                                             min_length=1)
+        m = ev.score(records, train_dir=str(copy))
+    assert guard.released == 0
+    assert [r['id'] for r in records] == [test[i]['id'] for i in (0, 2, 3)]  # the other three still run
+    assert fifos[0] in capsys.readouterr().err and 'nearest train image' not in m['systems']  # said, and left out

@@ -208,6 +208,58 @@ def test_mimic_split_file(tmp_path):
                               split_file=str(tmp_path / 'annotation.json'))
 
 
+# --- one study in two splits: a leak ----------------------------------------------------------
+@pytest.mark.parametrize('where, name, what', [
+    ('test', f'{open_i(5)}/0.png', r"image '5_IM-0005-1001\.dcm\.png'"),  # the study again, in the folder form
+    ('val', f'{open_i(5)}-2001.png', r"image '5_IM-0005-2001\.dcm\.png'"),  # its lateral image alone
+    ('test', 'CXR5_IM-0105-1001.png', None),                               # another study of the same uid
+])
+def test_one_iu_study_in_two_splits_is_an_error_naming_both_items(tmp_path, where, name, what):
+    """Issue 26: study 5 in train and again in test under another id prepared with no word."""
+    src = iu_raw(tmp_path / 'raw')
+    with open(src / 'indiana_projections.csv', 'a', newline='') as f:  # uid 5's second study
+        csv.writer(f).writerow([5, '5_IM-0105-1001.dcm.png', 'Frontal'])
+    Image.new('L', (32, 40)).save(src / 'images' / 'images_normalized' / '5_IM-0105-1001.dcm.png')
+    again = dict(id='CXR5-again', report='x', image_path=[name])
+    ann = annotation(tmp_path / 'annotation.json', extra={where: [again]})
+    item = len(SPLIT[where])
+    what = what or r"IU study \(uid\) '5'"
+    with pytest.raises(ValueError, match=rf"annotation\.json: {where} item {item} \(id 'CXR5-again'\) and train item 4 "
+                                         rf"\(id '{open_i(5)}'\) hold the same {what}"):
+        prepare.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1, split_file=ann)
+    assert not (tmp_path / 'iu').exists()
+
+
+def test_one_iu_study_twice_in_one_split_is_kept_as_before(tmp_path):
+    src = iu_raw(tmp_path / 'raw')
+    ann = annotation(tmp_path / 'annotation.json', extra={'train': [dict(id='CXR5-again', image_path=[f'{open_i(5)}/0.png'])]})
+    prepare.prepare_iu(str(src), str(tmp_path / 'iu'), n_workers=1, split_file=ann)
+    train = prepared(tmp_path / 'iu')['train']
+    assert [r['id'] for r in train if r['uid'] == '5'] == [open_i(5), 'CXR5-again']
+
+
+def test_one_mimic_study_or_image_in_two_splits_is_an_error_naming_both_items(tmp_path):
+    from test_prepare import mimic_fixture
+    src = tmp_path / 'mimic'
+    src.mkdir()
+    mimic_fixture(src)
+    with open(src / 'mimic-cxr-2.0.0-metadata.csv', 'a', newline='') as f:  # study 100's lateral image
+        csv.writer(f).writerow(['d100b', '10', '100', 'LATERAL'])
+    Image.new('L', (40, 40)).save(src / 'files' / 'p10' / 'p10' / 's100' / 'd100b.jpg')
+    item = lambda d, s, k='': dict(id=k or d, image_path=[f'p10/p10/s{s}/{d}.jpg'])
+    for train, what in ((item('d100b', '100'), "MIMIC-CXR study '100'"), (item('d100', '100', 'x'), "image 'd100'")):
+        ann = {'train': [item('d101', '101'), train], 'val': [], 'test': [item('d100', '100')]}
+        (tmp_path / 'annotation.json').write_text(json.dumps(ann))
+        with pytest.raises(ValueError, match=rf"test item 0 \(id 'd100'\) and train item 1 \(id '{train['id']}'\) "
+                                             rf"hold the same {what}"):
+            prepare.prepare_mimic(str(src), str(tmp_path / 'out'), n_workers=1,
+                                  split_file=str(tmp_path / 'annotation.json'))
+    ann['train'], ann['test'] = [item('d100', '100'), item('d100b', '100')], [item('d101', '101')]  # one split: fine
+    (tmp_path / 'annotation.json').write_text(json.dumps(ann))
+    splits, _, match = prepare.mimic_r2gen_records(str(tmp_path / 'annotation.json'), str(src))
+    assert [r['id'] for r in splits['train']] == ['d100'] and match['train']['no frontal image'] == 1
+
+
 # --- the command line -------------------------------------------------------------------------
 def run_prepare_py(monkeypatch, *args):
     monkeypatch.setattr(sys, 'argv', ['prepare.py', *args])

@@ -148,3 +148,63 @@ def test_load_model_folds_lora_into_the_weights(tiny_run):
     torch.testing.assert_close(a['cond_logits'], b['cond_logits'], atol=1e-4, rtol=1e-4)
     kw = dict(num_beams=2, min_length=5, max_length=30)
     assert torch.equal(merged.generate(images, [0], **kw), plain.generate(images, [0], **kw))
+
+
+def test_what_is_not_a_regular_file_is_skipped_and_the_rest_of_its_batch_still_runs(random_run, phantom_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Issue 26: a FIFO named x.png in --images blocked for ever, and the good images of its batch
+    were never printed. Each kind is named; the good ones are reported."""
+    from conftest import NeverOpened, special_files
+    d = image_dir(phantom_dir, tmp_path)
+    (d / 'f_broken.png').unlink()
+    special = special_files(d)
+    for k, v in dict(out_dir=random_run, images=str(d), json=True, batch_size=8, num_beams=1, max_length=8,
+                     min_length=1).items():
+        monkeypatch.setattr(sample, k, v)
+    with NeverOpened(special[:1]) as guard, pytest.raises(SystemExit) as e:
+        sample.main()
+    assert guard.released == 0 and e.value.code == 1
+    out, err = capsys.readouterr()
+    assert sorted(os.path.basename(json.loads(line)['image']) for line in out.strip().split('\n')) == \
+        ['a_gray.png', 'b_rgb.jpg', 'c_palette.png', 'd_16bit.png', 'e_rgba.png']
+    assert all(path in err for path in special)
+    monkeypatch.setattr(sample, 'images', special[0])  # named on its own
+    with NeverOpened(special[:1]) as guard, pytest.raises(SystemExit):
+        sample.main()
+    assert guard.released == 0 and 'FIFO' in capsys.readouterr().err
+
+
+def grids(records, root):
+    """{image relative to root: the name of its grid}."""
+    return {os.path.relpath(r['image'], root): os.path.basename(r['attention_png']) for r in records}
+
+
+def test_attention_grids_of_images_with_the_same_name_never_replace_each_other(random_run, phantom_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """Issue 26: x.png, x.jpg and x.dcm all wrote x_attention.png (197 records, 194 files)."""
+    src = Image.open(image_dir(phantom_dir, tmp_path) / 'a_gray.png')
+    for d in ('in1', 'in2'):
+        (tmp_path / d).mkdir()
+        src.save(tmp_path / d / 'x.png')
+    src.convert('RGB').save(tmp_path / 'in1' / 'x.jpg')
+    src.convert('RGB').save(tmp_path / 'in1' / 'x.jpeg')
+    attn = tmp_path / 'attn'
+
+    def run(images):
+        for k, v in dict(out_dir=random_run, images=str(images), json=True, attention_dir=str(attn), num_beams=1,
+                         max_length=8, min_length=1).items():
+            monkeypatch.setattr(sample, k, v)
+        sample.main()
+        return [json.loads(line) for line in capsys.readouterr().out.strip().split('\n')]
+
+    first = run(tmp_path / 'in1')
+    assert grids(first, tmp_path) == {'in1/x.jpeg': 'x.jpeg_attention.png', 'in1/x.jpg': 'x.jpg_attention.png',
+                            'in1/x.png': 'x.png_attention.png'}
+    other = run(tmp_path / 'in2' / 'x.png')  # the same name from another directory: a grid of its own
+    assert grids(other, tmp_path) == {'in2/x.png': 'x.png_attention-2.png'}
+    assert grids(run(tmp_path / 'in1'), tmp_path) == grids(first, tmp_path)  # a rerun replaces its own grids, and only those
+    assert sorted(os.listdir(attn)) == ['x.jpeg_attention.png', 'x.jpg_attention.png', 'x.png_attention-2.png',
+                                        'x.png_attention.png']
+    written = {}  # two inputs of one run with the same name
+    assert [sample.grid_path(str(attn), str(tmp_path / d / 'y.png'), written)[0] for d in ('in1', 'in2')] == \
+        [str(attn / 'y.png_attention.png'), str(attn / 'y.png_attention-2.png')]
