@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict
 
 import lora
+from chexpert import CONDITIONS
 from chexquery import CheXQuery, CheXQueryConfig
 
 
@@ -111,3 +112,15 @@ def param_table(model, full_backbones=False):
     lines += [f"{r[0]:<26}" + ''.join(f"{v:>14,}" if i == 0 else f"{v:>13,}" for i, v in enumerate(r[1:]))
               for r in rows]
     return '\n'.join(lines)
+
+
+def decision_thresholds(meta, override=0.0):
+    """(thresholds, source): the aux head's probability threshold per condition (a list of 14) and
+    where they come from: `override` for all when it is set, else those train.py chose on val and
+    the checkpoint keeps, else 0.5 (where none was chosen: a condition with one class on val)."""
+    if override:
+        return [override] * len(CONDITIONS), f"{override} for every condition, as asked"
+    saved = meta.get('thresholds')
+    if saved is None:
+        return [0.5] * len(CONDITIONS), "0.5 for every condition: this checkpoint has no thresholds chosen on val"
+    return [0.5 if t is None else t for t in saved], "per condition, chosen on val (F1)"

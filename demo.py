@@ -7,7 +7,7 @@ An interactive demo in the browser, and the same model as a small JSON API:
     curl --data-binary @xray.png 'http://127.0.0.1:8000/api/report?indication=Cough.'   # trained with context
 
 The page (demo.html) sends a PNG or JPEG, uploaded or one of a few examples, and
-shows the report, the 14 condition probabilities against the threshold, the gate
+shows the report, the 14 condition probabilities against their thresholds, the gate
 and the 20 queries' attention maps; for a checkpoint trained with clinical context,
 the reports with and without an optional indication side by side. POST /api/report
 takes the raw image bytes as the request body and answers JSON; a bad request gets
@@ -40,9 +40,10 @@ from PIL import Image
 import data
 import hardware
 from chexpert import CONDITIONS
-from checkpoint import load_checkpoint
+from checkpoint import decision_thresholds, load_checkpoint
 from chexquery import GENERATION
 from heatmaps import attention_grid
+from metrics import decide
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'               # holds ckpt.safetensors
@@ -51,7 +52,7 @@ host = '127.0.0.1'            # another address serves everyone who can reach it
 port = 8000                   # 0: any free port (the URL is printed)
 examples = ''                 # a directory of PNG/JPEG examples; '': a phantom-trained run's own test images
 n_examples = 10
-threshold = 0.5               # aux-head probability above which a condition is called present
+threshold = 0.0               # 0: the checkpoint's per-condition thresholds (chosen on val); else one for all
 max_upload_mb = 20            # a larger request body is refused before it is read
 max_pixels = 6000 * 6000      # a larger image is refused from its header, before it is decoded
 max_indication = 500          # characters
@@ -148,7 +149,7 @@ def example_images(config, directory, n):
 class Demo:
     """The model, loaded once, and what a request runs through it."""
 
-    def __init__(self, path, dev='cpu', dtype='auto', cpu_kernels=False, generation=None, threshold=0.5,
+    def __init__(self, path, dev='cpu', dtype='auto', cpu_kernels=False, generation=None, threshold=0.0,
                  examples_dir='', n_examples=10, max_queue=8, max_wait=60):
         self.model, meta = load_checkpoint(path, dev, merge_lora=True)
         if dev == 'cpu' and cpu_kernels:
@@ -161,7 +162,8 @@ class Demo:
         self.transform = data.eval_transform(self.model.cfg.image_size)
         self.prompt = data.section_prompt(self.config.get('target', 'both'))  # 'Findings:' or 'Impression:'
         self.generation = dict(GENERATION, **(generation or {}))
-        self.threshold = threshold
+        self.thresholds, self.thresholds_from = decision_thresholds(meta, threshold)
+        self.diagnosis = data.check_diagnosis(None, self.config, path)  # the head's decisions ahead of the prompt
         self.examples = example_images(self.config, examples_dir, n_examples)
         name = path if str(path).endswith('.safetensors') else os.path.join(path, 'ckpt.safetensors')
         self.checkpoint = dict(name=os.path.normpath(name), phase=meta.get('phase'), iter=meta.get('iter_num'),
@@ -175,7 +177,8 @@ class Demo:
 
     def info(self):
         """What the page shows before any image: the checkpoint, the settings, the examples."""
-        return dict(checkpoint=self.checkpoint, context=self.context, threshold=self.threshold,
+        return dict(checkpoint=self.checkpoint, context=self.context, diagnosis_prompt=self.diagnosis,
+                    thresholds=dict(zip(CONDITIONS, self.thresholds)), thresholds_from=self.thresholds_from,
                     conditions=list(CONDITIONS), max_upload_bytes=int(max_upload_mb * 2**20),
                     max_indication=max_indication, generation=self.generation,
                     examples=[dict(index=i, **d) for i, (_, d) in enumerate(self.examples)])
@@ -197,12 +200,14 @@ class Demo:
             x = self.transform(image)[None].to(self.dev)
             with torch.no_grad(), hardware.autocast(self.dev, self.dtype):
                 enc = self.model.encode(x, return_attention=attention)
-                reports = self.reports(enc['visual_tokens'], indication)
-            probs = enc['cond_logits'][0].float().sigmoid().tolist()
+                probs = enc['cond_logits'][0].float().sigmoid().tolist()
+                decisions = decide([probs], self.thresholds)[0].tolist()
+                reports = self.reports(enc['visual_tokens'], indication, decisions if self.diagnosis else None)
             p = {c: round(v, 4) for c, v in zip(CONDITIONS, probs)}
             gate = round(enc['gate'][0].item(), 4)
-            out = dict(report=reports[0], probabilities=p, threshold=self.threshold,
-                       present=[c for c, v in p.items() if v >= self.threshold], gate=gate,
+            out = dict(report=reports[0], probabilities=p, thresholds=dict(zip(CONDITIONS, self.thresholds)),
+                       thresholds_from=self.thresholds_from, diagnosis_prompt=self.diagnosis,
+                       present=[c for c, d in zip(CONDITIONS, decisions) if d], gate=gate,
                        context=self.context, indication=indication or None,
                        image=dict(width=image.width, height=image.height), checkpoint=self.checkpoint)
             if indication:
@@ -226,11 +231,12 @@ class Demo:
         return RequestError(503, f"{why}: too many uploads at once. Try again in {wait} s",
                             {'Retry-After': str(wait)})
 
-    def reports(self, visual_tokens, indication):
+    def reports(self, visual_tokens, indication, diagnosis=None):
         """[report] from the visual tokens (1, T, D); [with, without] when there is an indication
-        (a context-trained checkpoint only), both in one left-padded batch."""
+        (a context-trained checkpoint only), both in one left-padded batch; with the head's
+        decisions ahead of the prompt when there is a diagnosis (a diagnosis_prompt checkpoint)."""
         texts = [indication, ''] if indication else ['']
-        ids, mask = data.prompt_batch(self.tok, self.prompt, texts)
+        ids, mask = data.prompt_batch(self.tok, self.prompt, texts, [diagnosis] * len(texts))
         out = self.model.generate(None, ids.to(self.dev), visual_tokens=visual_tokens.expand(len(texts), -1, -1),
                                   prompt_mask=None if mask is None else mask.to(self.dev), **self.generation)
         return data.decode_reports(self.tok, out, ids.shape[1], self.prompt)  # the indication is not in them

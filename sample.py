@@ -24,20 +24,22 @@ from PIL.PngImagePlugin import PngInfo
 import data
 import hardware
 from chexpert import CONDITIONS
-from checkpoint import load_checkpoint
+from checkpoint import decision_thresholds, load_checkpoint
 from chexquery import GENERATION
 from heatmaps import attention_grid
+from metrics import decide
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'               # holds ckpt.safetensors
 ckpt = ''                     # a specific checkpoint file instead of out_dir/ckpt.safetensors
 images = ''                   # an image file or a directory of them (PNG, JPEG)
 batch_size = 8
-threshold = 0.5               # aux-head probability above which a condition is called present
+threshold = 0.0               # 0: the checkpoint's per-condition thresholds (chosen on val); else one for all
 json = False                  # machine-readable output: one JSON object per image
 attention_dir = ''            # write attention-map grids here
 indication = ''               # the clinical indication, for a checkpoint trained with context (every image)
 context = None                # None: as the checkpoint was trained; False: without the indication
+diagnosis_prompt = None       # None: as the checkpoint was trained (the head's decisions in the prompt)
 device = 'auto'
 dtype = 'auto'
 cpu_kernels = False           # True: hardware.py's CPU speed-ups (oneDNN linears, kept freed memory, lean beam cache)
@@ -105,10 +107,11 @@ def main():
     cfg = meta['config']
     asked = True if context is None and indication.strip() else context  # an indication given asks for context
     use = indication if data.check_context(asked, cfg, ckpt or out_dir) else ''
+    diagnosis = data.check_diagnosis(diagnosis_prompt, cfg, ckpt or out_dir)
+    thresholds, source = decision_thresholds(meta, threshold)
     tok = data.run_tokenizer(cfg)
     transform = data.eval_transform(model.cfg.image_size)
     section = data.section_prompt(cfg.get('target', 'both'))
-    prompt = data.prompt_ids(tok, section, use)
     autocast = hardware.autocast(dev, hardware.resolve_dtype(dtype, dev))
     generation = {k: globals()[k] for k in GENERATION}
     if attention_dir:
@@ -123,13 +126,17 @@ def main():
         x = torch.stack([transform(im) for _, im in loaded]).to(dev)
         with torch.no_grad(), autocast:
             enc = model.encode(x, return_attention=bool(attention_dir))  # once, for probabilities and report
-            ids = model.generate(None, prompt, visual_tokens=enc['visual_tokens'], **generation)
-        probs = enc['cond_logits'].float().sigmoid().cpu()
-        reports = data.decode_reports(tok, ids, len(prompt), section)
+            probs = enc['cond_logits'].float().sigmoid().cpu()
+            decisions = decide(probs.numpy(), thresholds)
+            prompts, mask = data.prompt_batch(tok, section, [use] * len(loaded), decisions.tolist() if diagnosis else None)
+            ids = model.generate(None, prompts.to(dev), visual_tokens=enc['visual_tokens'], prompt_mask=mask, **generation)
+        reports = data.decode_reports(tok, ids, prompts.shape[1], section)
         for i, (f, im) in enumerate(loaded):
             p = {c: round(probs[i, j].item(), 4) for j, c in enumerate(CONDITIONS)}
-            record = dict(image=f, report=reports[i].strip(), probabilities=p, threshold=threshold,
-                          present=[c for c, v in p.items() if v >= threshold], gate=round(enc['gate'][i].item(), 4))
+            record = dict(image=f, report=reports[i].strip(), probabilities=p,
+                          thresholds=dict(zip(CONDITIONS, thresholds)), thresholds_from=source,
+                          present=[c for c, d in zip(CONDITIONS, decisions[i]) if d], gate=round(enc['gate'][i].item(), 4),
+                          diagnosis_prompt=diagnosis)
             if attention_dir:
                 png, source = grid_path(attention_dir, f, written)
                 info = PngInfo()
@@ -140,9 +147,9 @@ def main():
             if json:
                 print(jsonlib.dumps(record))
             else:
-                print(f"== {f}\n{record['report']}\nconditions (threshold {threshold}):")
+                print(f"== {f}\n{record['report']}\nconditions (* present; thresholds: {source}):")
                 for c, v in sorted(p.items(), key=lambda kv: -kv[1]):
-                    print(f"  {'*' if v >= threshold else ' '} {v:.3f}  {c}")
+                    print(f"  {'*' if c in record['present'] else ' '} {v:.3f}  {c} (threshold {record['thresholds'][c]:.3f})")
                 if attention_dir:
                     print(f"attention maps: {record['attention_png']}")
     if failed:

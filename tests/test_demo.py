@@ -23,6 +23,7 @@ from PIL import Image
 import data
 import demo
 from chexpert import CONDITIONS
+from checkpoint import read_checkpoint
 from conftest import train_in_process
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -111,7 +112,9 @@ def test_the_page_and_the_checkpoint_description(server, tiny_run, phantom_dir):
     assert status == 200
     assert info['checkpoint'] == dict(name=os.path.join(tiny_run, 'ckpt.safetensors'), phase=2, iter=30,
                                       dataset='phantom')
-    assert info['context'] is False and info['threshold'] == 0.5 and info['max_upload_bytes'] == 20 * 2**20
+    chosen = read_checkpoint(os.path.join(tiny_run, 'ckpt.safetensors'))[1]['thresholds']
+    assert info['thresholds'] == dict(zip(CONDITIONS, [0.5 if t is None else t for t in chosen]))
+    assert info['context'] is False and info['diagnosis_prompt'] is False and info['max_upload_bytes'] == 20 * 2**20
     assert info['generation']['num_beams'] == 1 and info['generation']['no_repeat_ngram_size'] == 3
 
 
@@ -157,7 +160,10 @@ def test_a_report_with_the_models_own_probabilities(server, phantom_dir):
     assert status == 200 and kind == 'application/json'
     assert r['report'].startswith('Findings:') and len(r['report']) > len('Findings:')
     assert list(r['probabilities']) == list(CONDITIONS) and all(0 <= p <= 1 for p in r['probabilities'].values())
-    assert r['present'] == [c for c, p in r['probabilities'].items() if p >= 0.5]
+    # each condition at the threshold train.py chose for it on val (p is rounded to 4 decimals)
+    assert r['thresholds'] != dict.fromkeys(CONDITIONS, 0.5) and 'chosen on val' in r['thresholds_from']
+    assert all((c in r['present']) == (p >= r['thresholds'][c]) for c, p in r['probabilities'].items()
+               if abs(p - r['thresholds'][c]) > 1e-4)
     assert 0 <= r['gate'] <= 1 and r['seconds'] > 0 and r['image'] == dict(width=64, height=64)
     assert r['checkpoint']['iter'] == 30 and r['context'] is False and r['indication'] is None
     # the probabilities are the model's for this very image

@@ -3,6 +3,7 @@ model loads, the whole run in-process on an untrained checkpoint; slow: on a tra
 phantom checkpoint, reports and sorted probabilities for PNG and JPEG files of any mode and
 size, --json, attention grids."""
 import json
+import re
 import os
 import shutil
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 import sample
 from chexpert import CONDITIONS
+from checkpoint import decision_thresholds, read_checkpoint
 from conftest import run_script
 
 
@@ -91,14 +93,19 @@ def test_reports_probabilities_and_a_bad_file(tiny_run, phantom_dir, tmp_path):
     blocks = r.stdout.split('== ')[1:]  # ...and the other five were still processed
     assert [b.split('\n')[0].rsplit('/', 1)[-1] for b in blocks] == \
         ['a_gray.png', 'b_rgb.jpg', 'c_palette.png', 'd_16bit.png', 'e_rgba.png']
+    meta = read_checkpoint(os.path.join(tiny_run, 'ckpt.safetensors'))[1]
+    assert meta['thresholds'] is not None  # chosen on val by train.py
+    thresholds = dict(zip(CONDITIONS, decision_thresholds(meta)[0]))  # 0.5 where val had one class
     for b in blocks:
         lines = b.strip().split('\n')
         assert lines[1].startswith('Findings:')
-        assert lines[2] == 'conditions (threshold 0.5):'
-        rows = [(line[2], float(line[4:9]), line[11:]) for line in lines[3:17]]  # '  * 0.734  Edema'
-        assert sorted(name for _, _, name in rows) == sorted(CONDITIONS)
-        assert [p for _, p, _ in rows] == sorted((p for _, p, _ in rows), reverse=True)
-        assert all((mark == '*') == (p >= 0.5) for mark, p, _ in rows)
+        rows = [re.fullmatch(r'  ([* ]) (\d\.\d{3})  (.+) \(threshold (\d\.\d{3})\)', line).groups() for line in lines[3:17]]
+        assert sorted(name for _, _, name, _ in rows) == sorted(CONDITIONS)
+        assert [float(p) for _, p, _, _ in rows] == sorted((float(p) for _, p, _, _ in rows), reverse=True)
+        # each condition at the threshold the checkpoint chose for it on val, not at 0.5
+        assert all(float(t) == round(thresholds[name], 3) for _, _, name, t in rows)
+        assert all((mark == '*') == (float(p) >= thresholds[name] - 5e-4) for mark, p, name, _ in rows
+                   if abs(float(p) - thresholds[name]) > 5e-4)
 
 
 @pytest.mark.slow
@@ -111,7 +118,7 @@ def test_json_and_attention_grids(tiny_run, phantom_dir, tmp_path):
     records = [json.loads(line) for line in r.stdout.strip().split('\n') if line.startswith('{')]
     assert len(records) == 5
     for rec in records:
-        assert rec['report'].startswith('Findings:') and rec['threshold'] == 0.3
+        assert rec['report'].startswith('Findings:') and set(rec['thresholds'].values()) == {0.3}
         assert set(rec['probabilities']) == set(CONDITIONS) and 0 <= rec['gate'] <= 1
         assert rec['present'] == [c for c, p in rec['probabilities'].items() if p >= 0.3]
         with Image.open(rec['attention_png']) as im:
