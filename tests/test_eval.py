@@ -221,7 +221,7 @@ def test_images_that_are_not_regular_files_are_skipped_not_opened(random_run, ph
     baseline): a FIFO among them blocked for ever."""
     import shutil
     import data
-    from chexquery import load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, save_checkpoint
     from conftest import NeverOpened
     copy = tmp_path / 'data'
     shutil.copytree(phantom_dir, copy)
