@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from chexpert import CONDITIONS, diagnosis_text
+from metrics import decide
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey image
 MEAN = STD = (0.5, 0.5, 0.5)             # SigLIP's normalization
@@ -500,14 +501,15 @@ def collate(batch):
     return out
 
 
-def own_diagnosis_tokens(tok, prompt, batch, decisions, max_len):
+def own_diagnosis_tokens(tok, prompt, batch, max_len, thresholds, logits):
     """(decoder_input_ids, labels), (B, T), for a collated batch of a diagnosis dataset: each
-    sample's slot holds the head's `decisions` (B, 14 bools) where batch['own'] is set, the
-    reference labels elsewhere; the rest of each sample as the dataset encoded it."""
+    sample's slot holds the aux head's decisions (its condition logits (B, 14) at `thresholds`)
+    where batch['own'] is set, the reference labels elsewhere; the rest as the dataset made it."""
+    decisions = decide(logits.float().sigmoid().cpu().numpy(), thresholds).tolist()
     references = (batch['cond_labels'] > 0.5).tolist()
     return pad_tokens([encode_report(tok, prompt, text, max_len, indication, own_decisions if own else reference)
                        for text, indication, own, own_decisions, reference in
-                       zip(batch['text'], batch['indication'], batch['own'], decisions.tolist(), references)])
+                       zip(batch['text'], batch['indication'], batch['own'], decisions, references)])
 
 
 class FeatureCache:

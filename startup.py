@@ -106,3 +106,13 @@ def check_resumable(meta, config, world_size, path):
         raise ValueError(f"cannot resume {path} exactly: {'; '.join(differ)}. Resume with its settings "
                          f"(world_size is the number of processes), or start a new run from its weights with "
                          f"--init_from={path}")
+
+
+def iters_per_epoch(n_train, n_val, samples_per_step, data_dir):
+    """Optimizer steps in an epoch of n_train samples; an error for an empty validation split or
+    too few samples for one step."""
+    if not n_val:
+        raise ValueError(f"{data_dir}/val.jsonl has no records: validation needs some")
+    if n_train < samples_per_step:
+        raise ValueError(f"{n_train} training samples are fewer than one step of {samples_per_step} samples")
+    return n_train // samples_per_step

@@ -6,11 +6,7 @@ Trains CheXQuery, one phase per run. Single process:
 
 Several GPUs (or CPU processes, with gloo) through torchrun:
 
-    torchrun --standalone --nproc_per_node=4 train.py config/phase2.py
-
-Several nodes: on each node, with the master's address,
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --master_addr=IP --master_port=29500 train.py \
-        config/phase2.py --batch_size=4 --gradient_accumulation_steps=8    # 4 x 1 x 8 processes = 32
+    torchrun --standalone --nproc_per_node=4 train.py config/phase2.py    # several nodes: see the README
 
 The phases (the methodology's tables, set by CheXQuery.set_phase):
  1. queries, cross-attention, fusion and aux head train; both backbones frozen
@@ -25,6 +21,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -105,7 +102,6 @@ import startup  # noqa: E402
 from checkpoint import load_weights, param_table, read_checkpoint, save_checkpoint  # noqa: E402
 from chexpert import read_atlas  # noqa: E402
 from chexquery import CheXQuery, CheXQueryConfig  # noqa: E402
-from metrics import decide  # noqa: E402
 from shutdown import CtrlC, exit_without_shutdown, replica_difference  # noqa: E402
 import validation  # noqa: E402
 
@@ -132,8 +128,7 @@ ptdtype = hardware.resolve_dtype(dtype, device)
 autocast = hardware.autocast(device, ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 log = print if master else (lambda *a, **k: None)
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 if master:
@@ -156,10 +151,9 @@ if init_meta is not None:
     if anatomical_atlas:
         log(f"anatomical_atlas={anatomical_atlas!r} is not used: {init_path} brings its own atlas")
     model_cfg = replace(model_cfg, query_init='random')  # the queries come from the file
+    data.check_diagnosis(diagnosis_prompt, init_meta['config'], init_path)  # its decoder learned with it, or not
 if init_from == 'resume':
     startup.check_resumable(init_meta, config, world_size, init_path)
-if init_meta is not None:  # the decoder learned with the diagnosis slot or without it
-    data.check_diagnosis(diagnosis_prompt, init_meta['config'], init_path)
 thresholds = init_meta.get('thresholds') if init_meta else None  # per condition, chosen on val at each evaluation
 
 # data and tokenizer ----------------------------------------------------------------
@@ -182,14 +176,9 @@ val_set = data.ReportDataset(data_dir, 'val', tok, image_size, train=False, targ
 if train_set.left_out or val_set.left_out:
     log(f"target={target}: left out {train_set.left_out} train and {val_set.left_out} val studies whose {target} "
         f"section is empty")
-if not len(val_set):
-    raise ValueError(f"{data_dir}/val.jsonl has no records: validation needs some")
-iters_per_epoch = len(train_set) // world_size // batch_size // accum
-if iters_per_epoch == 0:
-    raise ValueError(f"{len(train_set)} training samples are fewer than one step of "
-                     f"{batch_size} x {gradient_accumulation_steps} samples")
-if max_iters == 0:
-    max_iters = epochs * iters_per_epoch
+iters_per_epoch = startup.iters_per_epoch(len(train_set), len(val_set), batch_size * gradient_accumulation_steps,
+                                          data_dir)
+max_iters = max_iters or epochs * iters_per_epoch
 
 
 def loader(dataset, generator_seed, **kw):
@@ -264,12 +253,9 @@ def get_lr(it):
 
 
 def own_text(b):
-    """diagnosis_prompt: for a batch with samples marked 'own', the function forward calls with
-    the condition logits to put the aux head's decisions into their slot; else None."""
-    if not diagnosis_prompt or not any(b['own']):
-        return None
-    return lambda logits: data.own_diagnosis_tokens(tok, train_set.prompt, b,
-                                                    decide(logits.float().sigmoid().cpu().numpy(), thresholds), max_len)
+    """diagnosis_prompt: what forward calls with the condition logits to put the aux head's decisions
+    into the slot of the batch's samples marked 'own'; None when there are none."""
+    return partial(data.own_diagnosis_tokens, tok, train_set.prompt, b, max_len, thresholds) if any(b.get('own', [])) else None
 
 
 def evaluate():
@@ -303,16 +289,11 @@ def log_metrics(record):
 
 
 if master and wandb_log:
-    try:
-        import wandb
-        wandb.init(project=wandb_project, config=config)
-    except ImportError:
-        print("wandb_log=True but wandb is not installed: logging to metrics.jsonl only")
-        wandb_log = False
+    import wandb  # optional: pip install wandb
+    wandb.init(project=wandb_project, config=config)
 
 # the loop ---------------------------------------------------------------------------
-# Nothing waits for the device inside a step but the skip decision (one host sync per
-# step): the losses add up on the device and are read only when logged.
+# one host sync per step (the skip decision): the losses add up on the device, read when logged
 ctrl_c = CtrlC()  # Ctrl-C: finish the iteration, save last.safetensors, stop
 raw_model.train()
 train_iter = batches(epoch, batch_in_epoch)

@@ -1,5 +1,7 @@
 """The diagnosis prompt (the 14 decisions in words ahead of the report), per-condition
 thresholds and the agreement between what a report states and what the head decided."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -71,9 +73,11 @@ def test_own_samples_get_the_heads_decisions_and_the_others_the_reference(phanto
     ds = data.ReportDataset(phantom_dir, 'val', tok, 64, diagnosis=True, own_diagnosis=0.5)
     batch = data.collate([ds[i] for i in range(6)])
     batch['own'] = [True, False, True, False, False, True]
-    head = torch.zeros(6, len(CONDITIONS), dtype=torch.bool)
-    head[:, CONDITIONS.index('Fracture')] = True                       # the head sees a fracture everywhere
-    ids, labels = data.own_diagnosis_tokens(tok, ds.prompt, batch, head, 256)
+    logits = torch.full((6, len(CONDITIONS)), -5.0)
+    logits[:, CONDITIONS.index('Fracture')] = 0.1                       # the head sees a fracture everywhere ...
+    thresholds = [0.5] * len(CONDITIONS)
+    thresholds[CONDITIONS.index('Fracture')] = 0.51                     # ... at its threshold 0.51: p 0.525
+    ids, labels = data.own_diagnosis_tokens(tok, ds.prompt, batch, 256, thresholds, logits)
     for row, own in enumerate(batch['own']):
         first = int((labels[row] != -100).nonzero()[0])                # the report's first target
         prompt = tok.decode(ids[row, :first + 1], skip_special_tokens=True)
@@ -135,3 +139,56 @@ def test_eval_scores_faithfulness_from_the_decisions_in_the_predictions():
     assert f['agreement'] == pytest.approx(1 - 4 / (6 * len(CONDITIONS)))
     text = ev.table(m)
     assert 'faithfulness' in text and f"{f['agreement']:.4f}" in text
+
+
+# --- a tiny run trained with the diagnosis prompt ---------------------------------------------
+@pytest.fixture(scope='module')
+def diag_run(phantom_dir, tmp_path_factory):
+    from conftest import train_in_process
+    out = str(tmp_path_factory.mktemp('runs') / 'diag')
+    code, printed = train_in_process(phantom_dir, out, max_iters=8, diagnosis_prompt=True, own_diagnosis=0.5,
+                                     sample_reports=1)
+    assert code == 0, printed[-3000:]
+    return out
+
+
+def test_thresholds_are_chosen_on_val_and_kept_in_the_checkpoint(diag_run, phantom_dir):
+    from checkpoint import load_checkpoint
+    model, meta = load_checkpoint(diag_run)
+    val = data.ReportDataset(phantom_dir, 'val', data.run_tokenizer(meta['config']), 64)
+    with torch.no_grad():
+        probs = model.encode(torch.stack([val[i]['image'] for i in range(len(val))]))['cond_logits'].sigmoid()
+    expected = best_thresholds(val.cond_labels.numpy(), probs.numpy())
+    assert meta['thresholds'] == pytest.approx(expected, abs=1e-5)
+    assert any(t is not None and t != 0.5 for t in meta['thresholds'])
+
+
+def test_a_checkpoint_refuses_the_other_way_of_prompting(diag_run, tiny_run, phantom_dir, tmp_path):
+    import eval as ev
+    from conftest import train_in_process
+    for run, setting in ((diag_run, False), (tiny_run, True)):
+        with pytest.raises(ValueError, match='diagnosis_prompt'):
+            ev.generate_predictions(run, 'val', diagnosis=setting, max_samples=2, num_beams=1, max_length=20)
+        with pytest.raises(ValueError, match=os.path.join(run, 'ckpt.safetensors')):  # a new phase from it
+            train_in_process(phantom_dir, str(tmp_path / f'next-{setting}'), max_iters=1, diagnosis_prompt=setting,
+                             init_from=os.path.join(run, 'ckpt.safetensors'))
+    with pytest.raises(ValueError, match='trained without diagnosis_prompt'):  # no slot: no oracle either
+        ev.generate_predictions(tiny_run, 'val', oracle=True, max_samples=2, num_beams=1, max_length=20)
+
+
+def test_the_slot_holds_the_heads_decisions_and_the_reference_only_for_the_oracle(diag_run, monkeypatch):
+    import eval as ev
+    seen = []
+    real = data.prompt_batch
+    monkeypatch.setattr(data, 'prompt_batch', lambda tok, prompt, indications, diagnoses=None:
+                        seen.append(diagnoses) or real(tok, prompt, indications, diagnoses))
+    head, _ = ev.generate_predictions(diag_run, 'val', max_samples=12, batch_size=6, num_beams=1, max_length=90)
+    oracle, _ = ev.generate_predictions(diag_run, 'val', oracle=True, max_samples=12, batch_size=6, num_beams=1,
+                                        max_length=90)
+    from chexpert import binarize
+    slots = [d for batch in seen for d in batch]
+    assert slots[:12] == [[bool(x) for x in r['decisions']] for r in head]              # the head's decisions
+    assert slots[12:] == [[y > 0.5 for y in binarize(r['labels'])] for r in oracle]      # the reference's labels
+    assert slots[:12] != slots[12:]
+    assert {r['diagnosis'] for r in head} == {'aux head'} and {r['diagnosis'] for r in oracle} == {
+        'reference labels (oracle)'}
