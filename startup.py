@@ -34,6 +34,9 @@ def check_settings(c, world_size):
     if not (0 <= c['beta1'] < 1 and 0 <= c['beta2'] < 1 and c['label_smoothing'] < 1):
         raise ValueError(f"beta1, beta2 and label_smoothing must be in [0, 1), got {c['beta1']}, {c['beta2']}, "
                          f"{c['label_smoothing']}")
+    for key in ('context_dropout', 'own_diagnosis'):
+        if not 0 <= c[key] <= 1:
+            raise ValueError(f"{key} is a share of the training samples, in [0, 1], got {c[key]}")
     if c['lambda_gen'] == c['lambda_aux'] == 0:
         raise ValueError("lambda_gen and lambda_aux are both 0: there would be no loss to train on")
     if c['model_size'] not in ('base', 'tiny'):
