@@ -192,3 +192,18 @@ def test_the_slot_holds_the_heads_decisions_and_the_reference_only_for_the_oracl
     assert slots[:12] != slots[12:]
     assert {r['diagnosis'] for r in head} == {'aux head'} and {r['diagnosis'] for r in oracle} == {
         'reference labels (oracle)'}
+
+
+def test_with_context_the_indication_then_the_diagnosis_then_the_prompt(phantom_dir, tok):
+    ds = data.ReportDataset(phantom_dir, 'val', tok, 64, context=True, diagnosis=True, own_diagnosis=1.0)
+    i = next(i for i, r in enumerate(ds.records) if (r.get('indication') or '').strip())
+    sample = ds[i]
+    first = int((sample['labels'] != -100).nonzero()[0])
+    prompt = tok.decode(sample['decoder_input_ids'][:first + 1], skip_special_tokens=True)
+    assert prompt.startswith('Indication: ') and prompt.index('Indication:') < prompt.index('Seen:') < prompt.index(
+        'Findings:')
+    assert sample['own'] is True and sample['indication'] == ds.indications[i]   # what the head's rows are rebuilt with
+    batch = data.collate([sample])
+    ids, labels = data.own_diagnosis_tokens(tok, ds.prompt, batch, 256, None, torch.zeros(1, len(CONDITIONS)))
+    assert 'Indication:' in tok.decode(ids[0]) and torch.equal(labels[0][labels[0] != -100],
+                                                                sample['labels'][sample['labels'] != -100])
