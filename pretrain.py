@@ -21,7 +21,7 @@ check, a linear probe of its pooled features for the 14 labels, is printed per c
 what a small CNN trained on the labels themselves reaches (out_dir/ceiling.json, from --ceiling).
 SigLIP pairs each image with its report and no label; identical reports count as matches.
 A backbone whose directory already exists is skipped. SigLIP trains here while T5, then
-BERT, train in a second process: each on one core, about as long.
+BERT, train in a second process: each on one core.
 """
 import math
 import os
@@ -45,8 +45,8 @@ width = 128                   # SigLIP's vision width = T5's d_model = BERT's wi
 text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
 layers = 2                    # transformer layers per tower (T5: per stack)
 heads = 4
-siglip_epochs = 6
-siglip_batch_size = 16        # the loss first collapses (every pair scores alike) for ~120 steps at any batch
+siglip_epochs = 26            # the tiny ViT learns the findings slowly, by contrast or by labels alike: steps buy AUC
+siglip_batch_size = 32        # the loss first collapses (every pair scores alike) for a few hundred steps at any batch
 siglip_lr = 1e-3
 augment = True                # SigLIP's images through data.train_transform, as CheXQuery's training sees them
 t5_epochs = 6
@@ -491,7 +491,7 @@ def main(settings):
             print(f"{name}: {path} exists, skipping it (delete it to train it again)")
         else:
             todo[name] = path
-    # T5 then BERT in a second process while SigLIP trains here: about as long together
+    # T5 then BERT in a second process while SigLIP, the longest, trains here
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
         text = {name: pool.submit(run, name, todo[name], data_dir, settings)
                 for name in ('t5', 'bert') if name in todo and parallel}
