@@ -3,6 +3,7 @@ Tiny pretrained backbones for CheXQuery, made here from the phantom training spl
 since no pretrained weights can be downloaded:
 
     python pretrain.py                              # out-pretrained/{siglip,t5,bert}
+    python pretrain.py --ceiling                    # + the supervised CNN ceiling (probe.py), cached
     bash mini.sh                                    # then CheXQuery's three phases on them
 
 - siglip/  SigLIP, vision and text towers, trained with its sigmoid image-text loss on
@@ -15,9 +16,12 @@ since no pretrained weights can be downloaded:
            condition name by its [CLS] vector, and the case-sensitive word-level phantom
            tokenizer reads 12 of the 14 names as <unk> only
 
-Each backbone prints its losses and checks on the val split that it learned something.
+Each backbone prints its losses and checks on the val split that it learned something; SigLIP's
+check, a linear probe of its pooled features for the 14 labels, is printed per condition beside
+what a small CNN trained on the labels themselves reaches (out_dir/ceiling.json, from --ceiling).
+SigLIP pairs each image with its report and no label; identical reports count as matches.
 A backbone whose directory already exists is skipped. SigLIP trains here while T5, then
-BERT, train in a second process: each on one core, about as long.
+BERT, train in a second process: each on one core.
 """
 import math
 import os
@@ -29,18 +33,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import probe
 from chexpert import CONDITIONS, binarize
 
 # -----------------------------------------------------------------------------
 data_dir = 'data/phantom'
 out_dir = 'out-pretrained'
 image_size = 128
+patch_size = 16               # SigLIP's vision patches: (image_size / patch_size)^2 visual tokens
 width = 128                   # SigLIP's vision width = T5's d_model = BERT's width: CheXQuery's D, no projections
 text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
 layers = 2                    # transformer layers per tower (T5: per stack)
 heads = 4
-siglip_epochs = 6
-siglip_batch_size = 16        # the loss first collapses (every pair scores alike) for ~120 steps at any batch
+siglip_epochs = 26            # the tiny ViT learns the findings slowly, by contrast or by labels alike: steps buy AUC
+siglip_batch_size = 32        # the loss first collapses (every pair scores alike) for a few hundred steps at any batch
 siglip_lr = 1e-3
 augment = True                # SigLIP's images through data.train_transform, as CheXQuery's training sees them
 t5_epochs = 6
@@ -50,9 +56,12 @@ bert_lr = 2e-3
 text_batch_size = 64          # T5 and BERT
 probe_steps = 300             # logistic-regression steps of the SigLIP feature probe
 parallel = True               # T5 and BERT in a second process while SigLIP trains: one core each
+ceiling = False               # --ceiling: train the supervised CNN ceiling again (minutes) and cache it in out_dir
 seed = 1337
 # -----------------------------------------------------------------------------
 N_SENTINELS = 100             # T5's <extra_id_0> ... <extra_id_99>
+PROBE_FILE = 'probe.json'     # in the SigLIP directory: its linear probe's val AUCs, for the table against the ceiling
+CEILING_FILE = 'ceiling.json' # in out_dir: the supervised CNN's val AUCs (ceiling.py), trained only when asked
 
 
 def fit(model, loss_fn, batches, steps, lr, name, weight_decay=0.01, warmup=0.05):
@@ -100,9 +109,10 @@ def pad(seqs, value):
     return ids, mask
 
 
-def save(model, tok, path):
-    """model and tokenizer into path, written beside it and renamed into place: a killed
-    run never leaves a directory that the next run would take as done."""
+def save(model, tok, path, extra=None):
+    """model and tokenizer (and extra: {file name: JSON}) into path, written beside it and
+    renamed into place: a killed run never leaves a directory that the next run would take as done."""
+    import json
     import shutil
     from transformers.utils import logging
     shutil.rmtree(path + '.tmp', ignore_errors=True)
@@ -111,14 +121,17 @@ def save(model, tok, path):
     model.save_pretrained(path + '.tmp')
     logging.set_verbosity(verbosity)
     tok.save_pretrained(path + '.tmp')
+    for name, content in (extra or {}).items():
+        with open(os.path.join(path + '.tmp', name), 'w') as file:
+            json.dump(content, file, indent=1)
     os.replace(path + '.tmp', path)
 
 
 # --- 1. SigLIP --------------------------------------------------------------------
-def siglip_config(vocab_size, text_len, width, text_width, layers, heads, image_size):
+def siglip_config(vocab_size, text_len, width, text_width, layers, heads, image_size, patch_size=16):
     from transformers import SiglipConfig
     tower = lambda w: dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=layers, num_attention_heads=heads)
-    return SiglipConfig(vision_config=dict(tower(width), image_size=image_size, patch_size=16),
+    return SiglipConfig(vision_config=dict(tower(width), image_size=image_size, patch_size=patch_size),
                         text_config=dict(tower(text_width), projection_size=width, vocab_size=vocab_size,
                                          max_position_embeddings=text_len, pad_token_id=0, eos_token_id=1,
                                          bos_token_id=None))
@@ -149,6 +162,19 @@ def text_inputs(texts, pad_id=0):
     return dict(input_ids=texts, attention_mask=(texts != pad_id).long())
 
 
+def siglip_targets(texts):
+    """(B, B) targets of SigLIP's loss: +1 where text i and the report of image j are the same
+    words, -1 elsewhere. Two images with one report are each other's match: scored as
+    negatives, they would push apart what no picture tells apart."""
+    return (texts[:, None, :] == texts[None, :, :]).all(-1).float() * 2 - 1
+
+
+def siglip_loss(logits_per_text, texts):
+    """SigLIP's sigmoid loss, every text against every image, summed over the images and
+    averaged over the texts, with the multi-positive targets of siglip_targets."""
+    return -F.logsigmoid(siglip_targets(texts) * logits_per_text).sum(-1).mean()
+
+
 def stack(images, transform):
     return torch.stack([transform(im) for im in images])                # (B, 3, S, S)
 
@@ -171,28 +197,11 @@ def retrieval(model, images, texts, transform):
     return own[:, 0].float().mean().item(), own.any(1).float().mean().item()
 
 
-def probe_auc(train_x, train_y, val_x, val_y, steps, lr=0.01):
-    """Mean validation ROC-AUC over the conditions of a logistic regression (one linear layer,
-    full-batch Adam) on frozen features: how linearly the features carry the findings."""
-    from metrics import auc_per_condition
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    probe = nn.Linear(train_x.shape[1], train_y.shape[1])
-    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(steps):
-        loss = F.binary_cross_entropy_with_logits(probe((train_x - mean) / std), train_y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        aucs = torch.tensor(auc_per_condition(val_y.numpy(), probe((val_x - mean) / std).sigmoid().numpy()))
-    return aucs.nanmean().item(), aucs
-
-
 def siglip_checks(model, train, val, transform, probe_steps):
     """(retrieval top-1, top-5, probe mean AUC, per-condition AUCs) of a SigLIP on the val split."""
     top1, top5 = retrieval(model, val['images'], val['texts'], transform)
     features = [image_features(model.vision_model, split['images'], transform) for split in (train, val)]
-    auc, aucs = probe_auc(features[0], train['labels'], features[1], val['labels'], probe_steps)
+    auc, aucs = probe.linear_probe_auc(features[0], train['labels'], features[1], val['labels'], probe_steps)
     return top1, top5, auc, aucs
 
 
@@ -207,7 +216,8 @@ def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augmen
 
     def loss(batch):
         images = stack([train['images'][i] for i in batch], transform)
-        return model(**text_inputs(train['texts'][batch]), pixel_values=images, return_loss=True).loss
+        texts = train['texts'][batch]
+        return siglip_loss(model(**text_inputs(texts), pixel_values=images).logits_per_text, texts)
 
     steps = epochs * (len(train['images']) // batch_size)
     fit(model, loss, shuffled(len(train['images']), batch_size, generator), steps, lr, 'siglip')
@@ -216,9 +226,32 @@ def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augmen
     print(f"siglip: val image->report retrieval top-1 {top1:.3f}, top-5 {top5:.3f} (chance {1 / n:.3f}, "
           f"{5 / n:.3f}; random init {chance[0]:.3f}, {chance[1]:.3f})")
     print(f"siglip: linear probe of pooled features, val mean AUC {auc:.3f} (random init {chance[2]:.3f})")
-    print('  ' + ', '.join(f"{c} {a:.2f}" for c, a in zip(CONDITIONS, aucs.tolist())))
-    save(model, tok, path)
-    return model, dict(top1=top1, top5=top5, auc=auc, random_init=chance)
+    results = dict(top1=top1, top5=top5, auc=auc, aucs=dict(zip(CONDITIONS, aucs.tolist())),
+                   random_init=dict(top1=chance[0], top5=chance[1], auc=chance[2]))
+    save(model, tok, path, {PROBE_FILE: results})
+    return model, results
+
+
+def check_unseen(data_dir):
+    """Raises unless no train image is also a val or test image, by file name or by content:
+    the probe is read on val and the miniature is scored on test, so pretraining must not see them."""
+    import hashlib
+
+    def images(split):
+        records = data.read_split(data_dir, split)
+        paths = [os.path.normpath(r['image']) for r in records]
+        digests = []
+        for path in paths:
+            with open(os.path.join(data_dir, path), 'rb') as file:
+                digests.append(hashlib.sha1(file.read()).hexdigest())
+        return dict(zip(paths, digests))
+
+    train, held_out = images('train'), {**images('val'), **images('test')}
+    by_content = {digest: path for path, digest in held_out.items()}
+    for path, digest in train.items():
+        if path in held_out or digest in by_content:
+            raise ValueError(f"pretrain: {data_dir}: train image {path} is also a val or test image "
+                             f"({by_content.get(digest, path)}); pretraining must not see them")
 
 
 def image_text_split(data_dir, split, tok, text_len):
@@ -415,11 +448,18 @@ def run(name, path, data_dir, settings):
     torch.manual_seed(settings['seed'])
     t0, cpu0, c = time.time(), time.process_time(), settings
     train_reports = [r['report'] for r in data.read_split(data_dir, 'train')]
+    if name == 'ceiling':
+        tok = data.load_tokenizer(data_dir)
+        train, val = (image_text_split(data_dir, split, tok, 1) for split in ('train', 'val'))
+        probe.ceiling(train, val, data.train_transform(c['image_size']), data.eval_transform(c['image_size']), path,
+                        seed=c['seed'])
+        return time.time() - t0, time.process_time() - cpu0
     if name == 'siglip':
         tok = data.load_tokenizer(data_dir)
         text_len = max(len(w) for w in tok(train_reports)['input_ids']) + 1
         model = new_siglip(siglip_config(len(tok), text_len, c['width'], c['text_width'], c['layers'], c['heads'],
-                                         c['image_size']))
+                                         c['image_size'], c['patch_size']))
+        check_unseen(data_dir)
         train, val = (image_text_split(data_dir, split, tok, text_len) for split in ('train', 'val'))
         pretrain_siglip(model, train, val, tok, path, c['siglip_epochs'], c['siglip_batch_size'], c['siglip_lr'],
                         c['augment'], c['probe_steps'], c['seed'])
@@ -451,14 +491,18 @@ def main(settings):
             print(f"{name}: {path} exists, skipping it (delete it to train it again)")
         else:
             todo[name] = path
-    # T5 then BERT in a second process while SigLIP trains here: about as long together
+    # T5 then BERT in a second process while SigLIP, the longest, trains here
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
         text = {name: pool.submit(run, name, todo[name], data_dir, settings)
                 for name in ('t5', 'bert') if name in todo and parallel}
         seconds = {name: run(name, todo[name], data_dir, settings) for name in todo if name not in text}
         seconds.update({name: job.result() for name, job in text.items()})
+    if ceiling:
+        todo['ceiling'] = os.path.join(out_dir, CEILING_FILE)
+        seconds['ceiling'] = run('ceiling', todo['ceiling'], data_dir, settings)
     for name in todo:
         print(f"{name}: saved {todo[name]} in {seconds[name][0]:.0f} s ({seconds[name][1]:.0f} s of CPU)")
+    print('\n'.join(probe.against_ceiling(os.path.join(out_dir, 'siglip', PROBE_FILE), os.path.join(out_dir, CEILING_FILE))))
     print(f"pretrain.py: {time.time() - t0:.0f} s in all")
 
 

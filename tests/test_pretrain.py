@@ -174,3 +174,70 @@ def test_phase_1_step_leaves_the_backbones_bit_identical(chexquery, phantom_dir,
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert not torch.equal(chexquery.condition_queries, queries)  # while the query side did train
     assert not any(n.startswith(('vision.', 't5.')) for n, p in chexquery.named_parameters() if p.requires_grad)
+
+
+def test_identical_reports_are_positives_of_each_other():
+    texts = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [5, 6, 1, 0], [5, 8, 1, 0]])  # rows 0 and 2: one report
+    targets = pretrain.siglip_targets(texts)
+    expected = -torch.ones(4, 4)
+    expected[[0, 0, 1, 2, 2, 3], [0, 2, 1, 0, 2, 3]] = 1
+    assert torch.equal(targets, expected)
+
+
+def test_siglip_loss_by_hand():
+    import math
+    texts = torch.tensor([[5, 1], [5, 1], [7, 1]])  # the first two images share their report
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [-2.0, 1.0, 4.0]])  # rows: texts, columns: images
+    nll = lambda z: math.log(1 + math.exp(-z))  # -log sigmoid(z)
+    rows = [nll(2.0) + nll(1.0) + nll(1.0), nll(0.5) + nll(3.0) + nll(-0.0), nll(2.0) + nll(-1.0) + nll(4.0)]
+    assert pretrain.siglip_loss(logits, texts).item() == pytest.approx(sum(rows) / 3, rel=1e-6)
+
+
+def test_siglip_loss_without_repeated_reports_is_siglips_own():
+    torch.manual_seed(0)
+    model = pretrain.new_siglip(pretrain.siglip_config(50, 6, 32, 16, layers=1, heads=2, image_size=32, patch_size=16))
+    texts = torch.tensor([[5, 6, 1, 0, 0, 0], [7, 1, 0, 0, 0, 0], [5, 8, 9, 1, 0, 0]])
+    out = model(**pretrain.text_inputs(texts), pixel_values=torch.randn(3, 3, 32, 32), return_loss=True)
+    assert pretrain.siglip_loss(out.logits_per_text, texts).item() == pytest.approx(out.loss.item(), rel=1e-6)
+
+
+def test_no_val_or_test_image_enters_pretraining(phantom_dir, tmp_path):
+    import json
+    import shutil
+    pretrain.check_unseen(phantom_dir)  # the phantom set as generated
+    images = {split: [r['image'] for r in data.read_split(phantom_dir, split)] for split in ('train', 'val', 'test')}
+    assert not set(images['train']) & (set(images['val']) | set(images['test']))
+    # a train record that is a val image, under its own name or copied to another name, is refused
+    for leak in ('same file', 'copied'):
+        d = tmp_path / leak.replace(' ', '_')
+        shutil.copytree(phantom_dir, d)
+        record = data.read_split(phantom_dir, 'val')[3]
+        if leak == 'copied':
+            shutil.copy(d / record['image'], d / 'images' / 'renamed.png')
+            record = dict(record, image='images/renamed.png')
+        with open(d / 'train.jsonl', 'a') as file:
+            file.write(json.dumps(record) + '\n')
+        with pytest.raises(ValueError, match='also a val or test image'):
+            pretrain.check_unseen(str(d))
+
+
+def test_ceiling_is_cached_and_printed_beside_the_probe(backbones, phantom_dir, tmp_path):
+    import json
+    import probe
+    tok = data.load_tokenizer(phantom_dir)
+    train, val = (pretrain.image_text_split(phantom_dir, s, tok, 40) for s in ('train', 'val'))
+    path = str(tmp_path / pretrain.CEILING_FILE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = probe.ceiling(train, val, data.train_transform(S), data.eval_transform(S), path, epochs=1, batch_size=32)
+    torch.set_num_threads(threads)
+    with open(path) as file:
+        assert json.dumps(json.load(file)) == json.dumps(result)  # as text: NaN (a class absent from val) != NaN
+    assert list(result['aucs']) == list(CONDITIONS)
+    found = probe.read(os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE))  # what pretraining cached
+    lines = probe.against_ceiling(os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE), path)
+    row = next(line for line in lines if line.split()[:2] == ['Pleural', 'Effusion'])
+    assert row.split()[2:] == [f"{found['aucs']['Pleural Effusion']:.3f}", f"{result['aucs']['Pleural Effusion']:.3f}"]
+    assert lines[-1].split()[1:] == [f"{found['auc']:.3f}", f"{result['auc']:.3f}"]
+    missing = probe.against_ceiling(os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE), str(tmp_path / 'none'))
+    assert 'python pretrain.py --ceiling' in missing[-1] and missing[-2].split()[-1] == '-'
