@@ -19,7 +19,7 @@ since no pretrained weights can be downloaded:
 Each backbone prints its losses and checks on the val split that it learned something; SigLIP's
 check, a linear probe of its pooled features for the 14 labels, is printed per condition beside
 what a small CNN trained on the labels themselves reaches (out_dir/ceiling.json, from --ceiling).
-SigLIP pairs each image with its report and no label; identical reports count as matches.
+SigLIP pairs each image with its report and no label (multi_positive: identical reports count as matches).
 A backbone whose directory already exists is skipped. SigLIP trains here while T5, then
 BERT, train in a second process: each on one core.
 """
@@ -45,8 +45,9 @@ width = 128                   # SigLIP's vision width = T5's d_model = BERT's wi
 text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
 layers = 2                    # transformer layers per tower (T5: per stack)
 heads = 4
-siglip_epochs = 26            # the tiny ViT learns the findings slowly, by contrast or by labels alike: steps buy AUC
-siglip_batch_size = 32        # the loss first collapses (every pair scores alike) for a few hundred steps at any batch
+siglip_epochs = 6             # the tiny ViT learns the thin findings slowly: more steps buy AUC at their cost (README)
+siglip_batch_size = 16        # the loss first collapses (every pair scores alike) for ~120 steps at any batch
+multi_positive = False        # identical reports as each other's matches, not negatives (rare in the phantom set)
 siglip_lr = 1e-3
 augment = True                # SigLIP's images through data.train_transform, as CheXQuery's training sees them
 t5_epochs = 6
@@ -205,8 +206,9 @@ def siglip_checks(model, train, val, transform, probe_steps):
     return top1, top5, auc, aucs
 
 
-def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augment, probe_steps, seed):
-    """Trains a new SigLIP on train's image-report pairs, prints its checks next to the same
+def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augment, probe_steps, seed,
+                    multi_positive=False):
+    """Trains a new SigLIP on train's image-report pairs (multi_positive: identical reports are matches), prints its checks next to the same
     checks before training, saves it with tok into path; returns (model, results)."""
     image_size = model.config.vision_config.image_size
     evaluate = data.eval_transform(image_size)
@@ -217,7 +219,9 @@ def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augmen
     def loss(batch):
         images = stack([train['images'][i] for i in batch], transform)
         texts = train['texts'][batch]
-        return siglip_loss(model(**text_inputs(texts), pixel_values=images).logits_per_text, texts)
+        if multi_positive:
+            return siglip_loss(model(**text_inputs(texts), pixel_values=images).logits_per_text, texts)
+        return model(**text_inputs(texts), pixel_values=images, return_loss=True).loss
 
     steps = epochs * (len(train['images']) // batch_size)
     fit(model, loss, shuffled(len(train['images']), batch_size, generator), steps, lr, 'siglip')
@@ -462,7 +466,7 @@ def run(name, path, data_dir, settings):
         check_unseen(data_dir)
         train, val = (image_text_split(data_dir, split, tok, text_len) for split in ('train', 'val'))
         pretrain_siglip(model, train, val, tok, path, c['siglip_epochs'], c['siglip_batch_size'], c['siglip_lr'],
-                        c['augment'], c['probe_steps'], c['seed'])
+                        c['augment'], c['probe_steps'], c['seed'], c['multi_positive'])
         return time.time() - t0, time.process_time() - cpu0
     val_reports = [r['report'] for r in data.read_split(data_dir, 'val')]
     if name == 't5':
