@@ -482,6 +482,19 @@ def run(name, path, data_dir, settings):
     return time.time() - t0, time.process_time() - cpu0
 
 
+def vocabulary_problem(path, data_dir):
+    """Why a backbone directory made from the phantom tokenizer does not fit data_dir's (an older
+    phantom set numbered its words differently); None when it fits or holds no tokenizer."""
+    if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
+        return None
+    saved, words = data.load_tokenizer(path).get_vocab(), data.load_tokenizer(data_dir).get_vocab()
+    differ = sorted(w for w, i in words.items() if saved.get(w) != i)
+    if differ:
+        return (f"{path} was made from another phantom vocabulary than {data_dir}'s ({len(differ)} of {len(words)} "
+                f"words differ, e.g. {differ[0]!r}): delete it to pretrain it again")
+    return None
+
+
 def main(settings):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -492,6 +505,9 @@ def main(settings):
     for name in ('siglip', 't5', 'bert'):
         path = os.path.join(out_dir, name)
         if os.path.isdir(path):
+            problem = vocabulary_problem(path, data_dir) if name in ('siglip', 't5') else None
+            if problem:
+                sys.exit(problem)
             print(f"{name}: {path} exists, skipping it (delete it to train it again)")
         else:
             todo[name] = path

@@ -241,3 +241,23 @@ def test_ceiling_is_cached_and_printed_beside_the_probe(backbones, phantom_dir, 
     assert lines[-1].split()[1:] == [f"{found['auc']:.3f}", f"{result['auc']:.3f}"]
     missing = probe.against_ceiling(os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE), str(tmp_path / 'none'))
     assert 'python pretrain.py --ceiling' in missing[-1] and missing[-2].split()[-1] == '-'
+
+
+def test_a_backbone_made_from_another_phantom_vocabulary_is_not_reused(backbones, phantom_dir, tmp_path):
+    import json
+    import shutil
+    shutil.copytree(backbones['t5'][0], tmp_path / 'out' / 't5')
+    for name in ('siglip', 'bert'):
+        (tmp_path / 'out' / name).mkdir()
+    fits = run_script('pretrain.py', f'--data_dir={phantom_dir}', f'--out_dir={tmp_path / "out"}', '--image_size=64')
+    assert str(tmp_path / 'out' / 't5') in fits.stdout                  # the same vocabulary: skipped, reused
+    other = tmp_path / 'data'
+    shutil.copytree(phantom_dir, other)
+    tok = json.loads((other / 'tokenizer.json').read_text())
+    vocab = tok['model']['vocab']
+    first, second = sorted(vocab, key=vocab.get)[3:5]                    # two words swap their ids
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / 'tokenizer.json').write_text(json.dumps(tok))
+    r = run_script('pretrain.py', f'--data_dir={other}', f'--out_dir={tmp_path / "out"}', '--image_size=64',
+                   check=False)
+    assert r.returncode != 0 and str(tmp_path / 'out' / 't5') in r.stderr and 'delete it' in r.stderr
