@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablations of the README, 3 seeds each, on a short schedule (phases of 1, 3 and 1 epochs
+# The ablations (the table of 2026-12-01 is in docs/history.md), 3 seeds each, on a short schedule (phases of 1, 3 and 1 epochs
 # instead of 3, 6 and 3: 470 steps instead of 1,128, so 30 runs fit on 2 cores), each run one
 # call of mini.sh into out-abl/NAME-SEED; then eval.py --seeds combines them:
 #
