@@ -351,10 +351,11 @@ def encode_report(tok, prompt, report, max_len, indication='', diagnosis=None):
 
 
 def pad_tokens(rows):
-    """(decoder_input_ids, labels), both (B, T): (ids, labels) lists padded with 0 and -100."""
+    """(decoder_input_ids, labels), both (B, T): each row's (ids, labels), lists or tensors,
+    padded with 0 and -100."""
     pad = torch.nn.utils.rnn.pad_sequence
-    return (pad([torch.tensor(ids) for ids, _ in rows], batch_first=True, padding_value=0),
-            pad([torch.tensor(labels) for _, labels in rows], batch_first=True, padding_value=-100))
+    return (pad([torch.as_tensor(ids) for ids, _ in rows], batch_first=True, padding_value=0),
+            pad([torch.as_tensor(labels) for _, labels in rows], batch_first=True, padding_value=-100))
 
 
 # --- paths from the data ---------------------------------------------------------
@@ -489,12 +490,11 @@ def collate(batch):
     good = [b for b in batch if b is not None]
     if not good:
         return None
-    pad = torch.nn.utils.rnn.pad_sequence
+    decoder_input_ids, labels = pad_tokens([(b['decoder_input_ids'], b['labels']) for b in good])  # (B, T)
     out = dict(ids=[b['id'] for b in good], skipped=len(batch) - len(good),
                image=torch.stack(images) if (images := [b['image'] for b in good if b['image'] is not None]) else None,
                has_image=[b['image'] is not None for b in good],  # all True unless train.py caches features
-               decoder_input_ids=pad([b['decoder_input_ids'] for b in good], batch_first=True, padding_value=0),
-               labels=pad([b['labels'] for b in good], batch_first=True, padding_value=-100),  # (B, T)
+               decoder_input_ids=decoder_input_ids, labels=labels,
                cond_labels=torch.stack([b['cond_labels'] for b in good]))                # (B, 14)
     if 'own' in good[0]:
         out.update({k: [b[k] for b in good] for k in ('text', 'indication', 'own')})
