@@ -52,7 +52,7 @@ import torch
 import data
 import hardware
 from chexpert import CONDITIONS, binarize, make_labeler
-from checkpoint import load_checkpoint
+from checkpoint import decision_thresholds, load_checkpoint
 from chexquery import GENERATION
 from metrics import (MAX_CHARS, MAX_TOKENS, Meteor15, auc_per_condition, clinical_labels, clinical_metrics, clip,
                      decide, faithfulness, grounding, nlg_metrics, normalize, region_shares)
@@ -144,7 +144,8 @@ def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size
         hardware.use_cpu_kernels(model)
     cfg, tok = meta['config'], data.run_tokenizer(meta['config'])
     context, target = data.check_context(context, cfg, ckpt or run_dir), cfg.get('target', 'both')
-    diagnosis, thresholds = data.check_diagnosis(diagnosis, cfg, ckpt or run_dir), meta.get('thresholds')
+    diagnosis = data.check_diagnosis(diagnosis, cfg, ckpt or run_dir)
+    thresholds, thresholds_from = decision_thresholds(meta)
     if oracle and not diagnosis:
         raise ValueError(f"oracle=True puts the reference labels in the diagnosis slot, but {ckpt or run_dir} was "
                          f"trained without diagnosis_prompt")
@@ -174,7 +175,7 @@ def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size
         for i, (k, hyp) in enumerate(zip(b['ids'], data.decode_reports(tok, ids, prompts.shape[1], ds.prompt))):
             r = by_id[k]
             rec = dict(id=k, reference=data.target_text(r, target), hypothesis=hyp, probabilities=probs[i].round(5).tolist(),
-                       decisions=decisions[i].astype(int).tolist(), thresholds_chosen=thresholds is not None,
+                       decisions=decisions[i].astype(int).tolist(), thresholds_chosen=meta.get('thresholds') is not None,
                        labels=r['labels'], image=r['image'], target=target, context=context)
             if diagnosis:
                 rec['diagnosis'] = 'reference labels (oracle)' if oracle else 'aux head'
@@ -186,7 +187,7 @@ def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size
     print(f"generated {len(records)} reports for {cfg['data_dir']} {split_name} ({n - len(records)} images skipped), "
           f"target {target}, context {'on' if context else 'off'}, diagnosis prompt "
           f"{('from the reference labels (the oracle)' if oracle else 'from the aux head') if diagnosis else 'off'}; "
-          + ("per-condition thresholds chosen on val" if thresholds else "no thresholds were chosen: 0.5 for all"))
+          f"thresholds: {thresholds_from}")
     return records, cfg
 
 
