@@ -108,7 +108,7 @@ def main():
     asked = True if context is None and indication.strip() else context  # an indication given asks for context
     use = indication if data.check_context(asked, cfg, ckpt or out_dir) else ''
     diagnosis = data.check_diagnosis(diagnosis_prompt, cfg, ckpt or out_dir)
-    thresholds, source = decision_thresholds(meta, threshold)
+    thresholds, thresholds_from = decision_thresholds(meta, threshold)
     tok = data.run_tokenizer(cfg)
     transform = data.eval_transform(model.cfg.image_size)
     section = data.section_prompt(cfg.get('target', 'both'))
@@ -134,7 +134,7 @@ def main():
         for i, (f, im) in enumerate(loaded):
             p = {c: round(probs[i, j].item(), 4) for j, c in enumerate(CONDITIONS)}
             record = dict(image=f, report=reports[i].strip(), probabilities=p,
-                          thresholds=dict(zip(CONDITIONS, thresholds)), thresholds_from=source,
+                          thresholds=dict(zip(CONDITIONS, thresholds)), thresholds_from=thresholds_from,
                           present=[c for c, d in zip(CONDITIONS, decisions[i]) if d], gate=round(enc['gate'][i].item(), 4),
                           diagnosis_prompt=diagnosis)
             if attention_dir:
@@ -147,7 +147,7 @@ def main():
             if json:
                 print(jsonlib.dumps(record))
             else:
-                print(f"== {f}\n{record['report']}\nconditions (* present; thresholds: {source}):")
+                print(f"== {f}\n{record['report']}\nconditions (* present; thresholds: {thresholds_from}):")
                 for c, v in sorted(p.items(), key=lambda kv: -kv[1]):
                     print(f"  {'*' if c in record['present'] else ' '} {v:.3f}  {c} (threshold {record['thresholds'][c]:.3f})")
                 if attention_dir:

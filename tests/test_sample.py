@@ -119,6 +119,7 @@ def test_json_and_attention_grids(tiny_run, phantom_dir, tmp_path):
     assert len(records) == 5
     for rec in records:
         assert rec['report'].startswith('Findings:') and set(rec['thresholds'].values()) == {0.3}
+        assert rec['thresholds_from'] == records[0]['thresholds_from'] and '0.3' in rec['thresholds_from']
         assert set(rec['probabilities']) == set(CONDITIONS) and 0 <= rec['gate'] <= 1
         assert rec['present'] == [c for c, p in rec['probabilities'].items() if p >= 0.3]
         with Image.open(rec['attention_png']) as im:
