@@ -392,14 +392,17 @@ class CheXQuery(nn.Module):
         return out
 
     def forward(self, images=None, decoder_input_ids=None, labels=None, cond_labels=None, label_smoothing=0.0,
-                lambda_gen=1.0, lambda_aux=0.5, return_attention=False, features=None, text_from_logits=None):
+                lambda_gen=1.0, lambda_aux=0.5, return_attention=False, features=None, text_from_logits=None,
+                token_weights=None):
         """encode's outputs, the decoder's logits (B, T, V) with decoder_input_ids, and with labels
         and cond_labels the training loss: 'loss' = lambda_gen * 'loss_gen' + lambda_aux * 'loss_aux'.
+        token_weights (B, T): each label's weight in loss_gen (None: the plain mean).
         text_from_logits: a function of the condition logits (B, 14) that returns the decoder's
-        (input ids, labels) instead, for a prompt that states what the aux head decided."""
+        (input ids, labels, token weights) instead, for a prompt that states what the aux head decided."""
         out = self.encode(images, features, return_attention)
         if text_from_logits is not None:
-            decoder_input_ids, labels = (t.to(out['cond_logits'].device) for t in text_from_logits(out['cond_logits'].detach()))
+            decoder_input_ids, labels, token_weights = (None if t is None else t.to(out['cond_logits'].device)
+                                                        for t in text_from_logits(out['cond_logits'].detach()))
         if decoder_input_ids is not None:
             from transformers.modeling_outputs import BaseModelOutput
             dec = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=out['visual_tokens']),
@@ -407,8 +410,9 @@ class CheXQuery(nn.Module):
             out['logits'] = dec.logits                                           # (B, T, V)
             if labels is not None:
                 # computed here: T5's own forward ignores label smoothing
-                out['loss_gen'] = F.cross_entropy(dec.logits.float().flatten(0, 1), labels.flatten(),
-                                                  ignore_index=-100, label_smoothing=label_smoothing)
+                ce = F.cross_entropy(dec.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                     label_smoothing=label_smoothing, reduction='mean' if token_weights is None else 'none')
+                out['loss_gen'] = ce if token_weights is None else (ce * token_weights.flatten()).sum() / token_weights.sum()
         if cond_labels is not None:
             out['loss_aux'] = F.binary_cross_entropy_with_logits(out['cond_logits'].float(), cond_labels.float())
             if 'loss_gen' in out:

@@ -8,9 +8,11 @@ copies under images_<short_side>/ and a manifest.json; prepare.py writes it from
 download (`python prepare.py --dataset=...`), and ReportDataset reads it, whichever
 dataset made it.
 """
+import functools
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import warnings
@@ -18,7 +20,7 @@ import warnings
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from chexpert import CONDITIONS, diagnosis_text
+from chexpert import CONDITIONS, diagnosis_text, label_report
 from metrics import decide
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey image
@@ -339,23 +341,57 @@ def decode_reports(tok, ids, n_prompt, prompt):
     return [f"{prompt} {text.strip()}".strip() for text in tok.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)]
 
 
-def encode_report(tok, prompt, report, max_len, indication='', diagnosis=None):
-    """(decoder_input_ids, labels): the decoder reads [start] + prompt + target[:-1] and
+def encode_report(tok, prompt, report, max_len, indication='', diagnosis=None, finding_weight=1.0):
+    """(decoder_input_ids, labels, weights): the decoder reads [start] + prompt + target[:-1] and
     predicts target + eos; labels are -100 on the prompt (and the indication and diagnosis
-    ahead of it) so it is given, never learned."""
+    ahead of it) so it is given, never learned. weights: None when every target counts alike
+    (finding_weight 1), else each label's weight in the loss (finding_weights; 0 on the prompt)."""
     p = prompt_tokens(tok, prompt, indication, diagnosis)
-    target = report[len(prompt):] if report.startswith(prompt) else report
-    t = tok(target.strip(), add_special_tokens=False)['input_ids'][:max(1, max_len - len(p) - 1)] + [tok.eos_token_id]
+    target = (report[len(prompt):] if report.startswith(prompt) else report).strip()
+    t = tok(target, add_special_tokens=False)['input_ids'][:max(1, max_len - len(p) - 1)] + [tok.eos_token_id]
     seq = p + t
-    return [tok.pad_token_id] + seq[:-1], [-100] * len(p) + t
+    weights = None
+    if finding_weight != 1:  # the prompt counts 0, eos 1, the report's tokens as finding_weights says
+        weights = [0.0] * len(p) + finding_weights(tok, target, finding_weight)[:len(t) - 1] + [1.0]
+    return [tok.pad_token_id] + seq[:-1], [-100] * len(p) + t, weights
+
+
+@functools.lru_cache(maxsize=1 << 16)  # template sentences repeat across reports
+def states_finding(sentence):
+    """Whether the rule labeler reads a condition other than No Finding as present or uncertain."""
+    return any(v in (1, -1) for v in label_report(sentence)[1:])
+
+
+SENTENCE = re.compile(r'[^\s|][^|]*?(?:\.(?=\s|$)|(?=\s*\|)|$)')  # up to a period before a space, or a section's end
+SECTION_HEADER = re.compile(r'(?:Findings|Impression):\s*')
+
+
+def finding_weights(tok, text, weight):
+    """One loss weight per token of `text`: `weight` on the tokens of the sentences that state a
+    finding (states_finding), 1 on the rest (normal statements, section headers). DiseaseT5
+    weighs them x5: the words that differ between reports are few beside the template around them."""
+    if not getattr(tok, 'is_fast', False):
+        raise ValueError(f"finding_weight needs a fast tokenizer (its offsets), got {type(tok).__name__}")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = []
+    for m in SENTENCE.finditer(text):
+        header = SECTION_HEADER.match(m.group())
+        start = m.start() + (header.end() if header else 0)
+        if states_finding(text[start:m.end()]):
+            spans.append((start, m.end()))
+    # a token belongs to a sentence it overlaps (SentencePiece's '_Mild' starts at the space before it)
+    return [weight if any(start < b and end > a for a, b in spans) else 1.0 for start, end in enc['offset_mapping']]
 
 
 def pad_tokens(rows):
-    """(decoder_input_ids, labels), both (B, T): each row's (ids, labels), lists or tensors,
-    padded with 0 and -100."""
+    """(decoder_input_ids, labels, weights), each (B, T): each row's (ids, labels, weights),
+    lists or tensors, padded with 0, -100 and 0; weights None when the rows have none."""
     pad = torch.nn.utils.rnn.pad_sequence
-    return (pad([torch.as_tensor(ids) for ids, _ in rows], batch_first=True, padding_value=0),
-            pad([torch.as_tensor(labels) for _, labels in rows], batch_first=True, padding_value=-100))
+    ids, labels, weights = zip(*rows)
+    return (pad([torch.as_tensor(x) for x in ids], batch_first=True, padding_value=0),
+            pad([torch.as_tensor(x) for x in labels], batch_first=True, padding_value=-100),
+            None if weights[0] is None else pad([torch.as_tensor(x, dtype=torch.float32) for x in weights],
+                                                batch_first=True, padding_value=0.0))
 
 
 # --- paths from the data ---------------------------------------------------------
@@ -429,13 +465,15 @@ class ReportDataset(torch.utils.data.Dataset):
     gives None (one warning naming the file); collate drops it and counts the skip.
     target picks the section to write (studies where it is empty are left out and counted
     in self.left_out); with context, the indication goes ahead of the prompt, dropped for a
-    share context_dropout of the samples; with diagnosis, the reference labels (binarized as
+    share context_dropout of the samples; finding_weight weighs the loss on finding sentences
+    (finding_weights; 'weights' is None at 1); with diagnosis, the reference labels (binarized as
     the aux targets are) go ahead of the section prompt in words, and a share own_diagnosis
     of the samples is marked 'own': train.py puts the aux head's decisions there instead.
     Both draws are per sample, from torch's generator."""
 
     def __init__(self, data_dir, split, tokenizer, image_size, train=False, target='both', context=False,
-                 context_dropout=0.0, max_len=256, uncertain='positive', diagnosis=False, own_diagnosis=0.0):
+                 context_dropout=0.0, max_len=256, uncertain='positive', diagnosis=False, own_diagnosis=0.0,
+                 finding_weight=1.0):
         from chexpert import binarize
         for name, share in (('context_dropout', context_dropout), ('own_diagnosis', own_diagnosis)):
             if not 0 <= share <= 1:
@@ -451,9 +489,9 @@ class ReportDataset(torch.utils.data.Dataset):
         # the indication only where there is one (an empty one is the same as no context)
         self.indications = [' '.join((r.get('indication') or '').split()) if context else '' for r in self.records]
         diagnoses = [(y > 0.5).tolist() if diagnosis else None for y in self.cond_labels]
-        self.tokens = [encode_report(tokenizer, self.prompt, text, max_len, '', d)
+        self.tokens = [encode_report(tokenizer, self.prompt, text, max_len, '', d, finding_weight)
                        for text, d in zip(self.texts, diagnoses)]
-        self.context_tokens = [encode_report(tokenizer, self.prompt, text, max_len, indication, d) if indication
+        self.context_tokens = [encode_report(tokenizer, self.prompt, text, max_len, indication, d, finding_weight) if indication
                                else None for text, indication, d in zip(self.texts, self.indications, diagnoses)]
         self.warned = set()
         self.cached = set()  # ids whose image train.py no longer needs (it has their encoder outputs)
@@ -473,11 +511,11 @@ class ReportDataset(torch.utils.data.Dataset):
                 self.warned.add(path)
                 print(f"warning: skipping sample {r['id']}: {e}", file=sys.stderr)
             return None
-        (decoder_input_ids, labels), indication = self.tokens[i], ''
+        (decoder_input_ids, labels, weights), indication = self.tokens[i], ''
         if self.context_tokens[i] and (self.context_dropout == 0 or torch.rand(()).item() >= self.context_dropout):
-            (decoder_input_ids, labels), indication = self.context_tokens[i], self.indications[i]
+            (decoder_input_ids, labels, weights), indication = self.context_tokens[i], self.indications[i]
         sample = dict(id=r['id'], image=image, decoder_input_ids=torch.tensor(decoder_input_ids),
-                      labels=torch.tensor(labels), cond_labels=self.cond_labels[i])
+                      labels=torch.tensor(labels), weights=weights, cond_labels=self.cond_labels[i])
         if self.diagnosis:  # what train.py needs to write the head's decisions into the slot instead
             own = self.own_diagnosis >= 1 or (self.own_diagnosis > 0 and torch.rand(()).item() < self.own_diagnosis)
             sample.update(text=self.texts[i], indication=indication, own=own)
@@ -490,24 +528,25 @@ def collate(batch):
     good = [b for b in batch if b is not None]
     if not good:
         return None
-    decoder_input_ids, labels = pad_tokens([(b['decoder_input_ids'], b['labels']) for b in good])  # (B, T)
+    decoder_input_ids, labels, weights = pad_tokens([(b['decoder_input_ids'], b['labels'], b['weights'])
+                                                     for b in good])  # (B, T) each, weights None or float
     out = dict(ids=[b['id'] for b in good], skipped=len(batch) - len(good),
                image=torch.stack(images) if (images := [b['image'] for b in good if b['image'] is not None]) else None,
                has_image=[b['image'] is not None for b in good],  # all True unless train.py caches features
-               decoder_input_ids=decoder_input_ids, labels=labels,
+               decoder_input_ids=decoder_input_ids, labels=labels, weights=weights,
                cond_labels=torch.stack([b['cond_labels'] for b in good]))                # (B, 14)
     if 'own' in good[0]:
         out.update({k: [b[k] for b in good] for k in ('text', 'indication', 'own')})
     return out
 
 
-def own_diagnosis_tokens(tok, prompt, batch, max_len, thresholds, logits):
-    """(decoder_input_ids, labels), (B, T), for a collated batch of a diagnosis dataset: each
+def own_diagnosis_tokens(tok, prompt, batch, max_len, thresholds, logits, finding_weight=1.0):
+    """(decoder_input_ids, labels, weights), (B, T), for a collated batch of a diagnosis dataset: each
     sample's slot holds the aux head's decisions (its condition logits (B, 14) at `thresholds`)
     where batch['own'] is set, the reference labels elsewhere; the rest as the dataset made it."""
     decisions = decide(logits.float().sigmoid().cpu().numpy(), thresholds).tolist()
     references = (batch['cond_labels'] > 0.5).tolist()
-    return pad_tokens([encode_report(tok, prompt, text, max_len, indication, own_decisions if own else reference)
+    return pad_tokens([encode_report(tok, prompt, text, max_len, indication, own_decisions if own else reference, finding_weight)
                        for text, indication, own, own_decisions, reference in
                        zip(batch['text'], batch['indication'], batch['own'], decisions, references)])
 

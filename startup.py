@@ -14,7 +14,7 @@ import os
 from chexquery import ANATOMICAL_PRIORS, CheXQueryConfig, tiny_config
 
 AT_LEAST_1 = ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'epochs', 'max_len',
-              'max_bad_steps', 'image_size')
+              'max_bad_steps', 'image_size', 'finding_weight')
 AT_LEAST_0 = ('max_iters', 'eval_iters', 'sample_reports', 'num_workers', 'warmup_iters', 'min_lr', 'weight_decay',
               'grad_clip', 'label_smoothing', 'lambda_gen', 'lambda_aux')
 CHECKPOINTS = ('ckpt.safetensors', 'last.safetensors')  # what a run writes into its out_dir

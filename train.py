@@ -49,6 +49,7 @@ context = False               # the study's indication ahead of the report promp
 context_dropout = 0.0         # the share of training samples whose indication is dropped (one model, both ways)
 diagnosis_prompt = False      # the aux head's decisions in words ahead of the section prompt ("Seen: edema. Findings:")
 own_diagnosis = 0.0           # ... in training, the share of samples given the head's decisions, not the reference's
+finding_weight = 1.0          # the loss weight of the report's finding sentences (DiseaseT5: 5); 1: every token alike
 max_len = 256                 # decoder tokens, prompt (indication, diagnosis) included
 uncertain = 'positive'        # uncertain CheXpert labels count as positive in the aux targets
 augment = True
@@ -168,11 +169,11 @@ if cache_features:  # a cached feature is one fixed view of each image: augmenti
     log("cache_features: SigLIP's outputs are cached in the first epoch and reused; image augmentation is off")
     augment = False
 tok = data.run_tokenizer(config)
-train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, target=target, context=context,
-                               context_dropout=context_dropout, max_len=max_len, uncertain=uncertain,
-                               diagnosis=diagnosis_prompt, own_diagnosis=own_diagnosis)
-val_set = data.ReportDataset(data_dir, 'val', tok, image_size, train=False, target=target, context=context,
-                             max_len=max_len, uncertain=uncertain, diagnosis=diagnosis_prompt, own_diagnosis=1.0)
+texts = dict(target=target, context=context, max_len=max_len, uncertain=uncertain, diagnosis=diagnosis_prompt,
+             finding_weight=finding_weight)  # the val loss is the training objective
+train_set = data.ReportDataset(data_dir, 'train', tok, image_size, train=augment, context_dropout=context_dropout,
+                               own_diagnosis=own_diagnosis, **texts)
+val_set = data.ReportDataset(data_dir, 'val', tok, image_size, own_diagnosis=1.0, **texts)
 if train_set.left_out or val_set.left_out:
     log(f"target={target}: left out {train_set.left_out} train and {val_set.left_out} val studies whose {target} "
         f"section is empty")
@@ -228,10 +229,8 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
 iter_num, epoch, batch_in_epoch, best_val_loss = 0, 0, 0, float('inf')
 if init_from == 'resume':  # the optimizer, the scaler, every process's random state and where the run was
     iter_num, epoch, batch_in_epoch, best_val_loss = resume.restore(init_meta, tensors, optimizer, scaler, rank, device)
-    if master:
-        dropped = resume.drop_metrics_after(metrics_path, iter_num)
-        if dropped:
-            log(f"metrics.jsonl: dropped {dropped} records after iteration {iter_num}, which are logged again")
+    if master and (dropped := resume.drop_metrics_after(metrics_path, iter_num)):
+        log(f"metrics.jsonl: dropped {dropped} records after iteration {iter_num}, which are logged again")
     log(f"resuming at iteration {iter_num} (epoch {epoch}, step {batch_in_epoch})")
 del tensors  # the checkpoint's copies: the model and optimizer have theirs
 raw_model = model
@@ -255,7 +254,8 @@ def get_lr(it):
 def own_text(b):
     """diagnosis_prompt: what forward calls with the condition logits to put the aux head's decisions
     into the slot of the batch's samples marked 'own'; None when there are none."""
-    return partial(data.own_diagnosis_tokens, tok, train_set.prompt, b, max_len, thresholds) if any(b.get('own', [])) else None
+    return partial(data.own_diagnosis_tokens, tok, train_set.prompt, b, max_len, thresholds,
+                   finding_weight=finding_weight) if any(b.get('own', [])) else None
 
 
 def evaluate():
@@ -322,7 +322,7 @@ while iter_num < max_iters and not stop:
             features = feature_cache(b, raw_model.vision_features, device) if cache_features else None
             out = model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
                         label_smoothing=label_smoothing, lambda_gen=lambda_gen, lambda_aux=lambda_aux,
-                        features=features, text_from_logits=own_text(b))
+                        features=features, text_from_logits=own_text(b), token_weights=b['weights'])
         scaler.scale(out['loss'] / accum).backward()
         losses += torch.stack([out['loss'], out['loss_gen'], out['loss_aux']]).detach().float() / accum
     scaler.unscale_(optimizer)

@@ -20,15 +20,15 @@ def tok(phantom_dir):
 
 def test_the_indication_goes_ahead_of_the_prompt_and_out_of_the_loss(tok):
     report = 'Findings: The lungs are clear. | Impression: No acute cardiopulmonary abnormality.'
-    plain_in, plain_labels = data.encode_report(tok, 'Findings:', report, 64)
-    ctx_in, ctx_labels = data.encode_report(tok, 'Findings:', report, 64, indication='Trauma, rib pain')
+    plain_in, plain_labels, _ = data.encode_report(tok, 'Findings:', report, 64)
+    ctx_in, ctx_labels, _ = data.encode_report(tok, 'Findings:', report, 64, indication='Trauma, rib pain')
     indication = tok('Indication: Trauma, rib pain.', add_special_tokens=False)['input_ids']
     n = len(indication)
     assert ctx_in[1:1 + n] == indication                     # right after the start token
     assert ctx_in[1 + n:] == plain_in[1:]                    # then exactly what the plain model reads
     assert ctx_labels[:n] == [-100] * n and ctx_labels[n:] == plain_labels  # the loss sees the same targets
     # an empty or blank indication is no context at all
-    assert data.encode_report(tok, 'Findings:', report, 64, indication='  ') == (plain_in, plain_labels)
+    assert data.encode_report(tok, 'Findings:', report, 64, indication='  ') == (plain_in, plain_labels, None)
 
 
 def test_a_long_indication_is_cut_and_the_report_keeps_its_room(tok):

@@ -89,15 +89,16 @@ def tok(phantom_dir):
 
 def test_encode_report(tok):
     report = 'Findings: The heart is normal. | Impression: No acute disease.'
-    dec, labels = data.encode_report(tok, 'Findings:', report, max_len=256)
+    dec, labels, weights = data.encode_report(tok, 'Findings:', report, max_len=256)
     p = tok('Findings:', add_special_tokens=False)['input_ids']
     assert len(dec) == len(labels) and dec[0] == 0
     assert labels[:len(p)] == [-100] * len(p) and -100 not in labels[len(p):]
     assert labels[-1] == tok.eos_token_id
     assert dec[1:] == p + labels[len(p):-1]  # the decoder input is the target shifted right
     assert tok.decode(labels[len(p):], skip_special_tokens=True) == report[len('Findings: '):]
+    assert weights is None  # finding_weight 1: every target token counts alike, the plain mean
     assert data.prompt_ids(tok, 'Findings:') == dec[:len(p) + 1]
-    short, short_labels = data.encode_report(tok, 'Findings:', report, max_len=6)
+    short, short_labels, _ = data.encode_report(tok, 'Findings:', report, max_len=6)
     assert len(short) == 6 and short_labels[-1] == tok.eos_token_id
 
 

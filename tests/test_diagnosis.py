@@ -37,8 +37,8 @@ def test_the_phantom_tokenizer_reads_every_word_of_the_diagnosis(tok):
 
 
 def test_the_diagnosis_goes_between_indication_and_prompt_and_out_of_the_loss(tok):
-    plain_in, plain_labels = data.encode_report(tok, 'Findings:', REPORT, 96, indication='Chest pain')
-    diag_in, diag_labels = data.encode_report(tok, 'Findings:', REPORT, 96, indication='Chest pain',
+    plain_in, plain_labels, _ = data.encode_report(tok, 'Findings:', REPORT, 96, indication='Chest pain')
+    diag_in, diag_labels, _ = data.encode_report(tok, 'Findings:', REPORT, 96, indication='Chest pain',
                                               diagnosis=decisions('Cardiomegaly'))
     indication = tok('Indication: Chest pain.', add_special_tokens=False)['input_ids']
     slot = tok('Seen: cardiomegaly.', add_special_tokens=False)['input_ids']
@@ -48,7 +48,7 @@ def test_the_diagnosis_goes_between_indication_and_prompt_and_out_of_the_loss(to
     assert diag_labels[:n + m] == [-100] * (n + m)                      # given, never learned
     assert diag_labels[n + m:] == plain_labels[n:]                      # the same targets
     # another decision changes the prompt's words only
-    other_in, other_labels = data.encode_report(tok, 'Findings:', REPORT, 96, diagnosis=decisions('Edema'))
+    other_in, other_labels, _ = data.encode_report(tok, 'Findings:', REPORT, 96, diagnosis=decisions('Edema'))
     assert 'edema' in tok.decode(other_in) and 'cardiomegaly' not in tok.decode(other_in[:4])
 
 
@@ -77,7 +77,7 @@ def test_own_samples_get_the_heads_decisions_and_the_others_the_reference(phanto
     logits[:, CONDITIONS.index('Fracture')] = 0.1                       # the head sees a fracture everywhere ...
     thresholds = [0.5] * len(CONDITIONS)
     thresholds[CONDITIONS.index('Fracture')] = 0.51                     # ... at its threshold 0.51: p 0.525
-    ids, labels = data.own_diagnosis_tokens(tok, ds.prompt, batch, 256, thresholds, logits)
+    ids, labels, _ = data.own_diagnosis_tokens(tok, ds.prompt, batch, 256, thresholds, logits)
     for row, own in enumerate(batch['own']):
         first = int((labels[row] != -100).nonzero()[0])                # the report's first target
         prompt = tok.decode(ids[row, :first + 1], skip_special_tokens=True)
@@ -147,7 +147,7 @@ def diag_run(phantom_dir, tmp_path_factory):
     from conftest import train_in_process
     out = str(tmp_path_factory.mktemp('runs') / 'diag')
     code, printed = train_in_process(phantom_dir, out, max_iters=8, diagnosis_prompt=True, own_diagnosis=0.5,
-                                     sample_reports=1)
+                                     finding_weight=5.0, sample_reports=1)  # the weights through both slots
     assert code == 0, printed[-3000:]
     return out
 
@@ -204,6 +204,6 @@ def test_with_context_the_indication_then_the_diagnosis_then_the_prompt(phantom_
         'Findings:')
     assert sample['own'] is True and sample['indication'] == ds.indications[i]   # what the head's rows are rebuilt with
     batch = data.collate([sample])
-    ids, labels = data.own_diagnosis_tokens(tok, ds.prompt, batch, 256, None, torch.zeros(1, len(CONDITIONS)))
+    ids, labels, _ = data.own_diagnosis_tokens(tok, ds.prompt, batch, 256, None, torch.zeros(1, len(CONDITIONS)))
     assert 'Indication:' in tok.decode(ids[0]) and torch.equal(labels[0][labels[0] != -100],
                                                                 sample['labels'][sample['labels'] != -100])
