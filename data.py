@@ -341,6 +341,17 @@ def decode_reports(tok, ids, n_prompt, prompt):
     return [f"{prompt} {text.strip()}".strip() for text in tok.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)]
 
 
+def write_reports(model, tok, visual_tokens, prompt, indications, diagnoses=None, **generation):
+    """The reports a CheXQuery writes from encode's visual tokens (B, 11, D), one per row: each
+    row's indication ('' for none) and diagnosis (14 decisions, or None) ahead of the section
+    prompt, which the reports start with; generation overrides CheXQuery.generate's settings."""
+    ids, mask = prompt_batch(tok, prompt, indications, diagnoses)
+    device = visual_tokens.device
+    out = model.generate(None, ids.to(device), visual_tokens=visual_tokens,
+                         prompt_mask=None if mask is None else mask.to(device), **generation)
+    return decode_reports(tok, out, ids.shape[1], prompt)
+
+
 def encode_report(tok, prompt, report, max_len, indication='', diagnosis=None, finding_weight=1.0):
     """(decoder_input_ids, labels, weights): the decoder reads [start] + prompt + target[:-1] and
     predicts target + eos; labels are -100 on the prompt (and the indication and diagnosis

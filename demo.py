@@ -236,10 +236,8 @@ class Demo:
         (a context-trained checkpoint only), both in one left-padded batch; with the head's
         decisions ahead of the prompt when there is a diagnosis (a diagnosis_prompt checkpoint)."""
         texts = [indication, ''] if indication else ['']
-        ids, mask = data.prompt_batch(self.tok, self.prompt, texts, [diagnosis] * len(texts))
-        out = self.model.generate(None, ids.to(self.dev), visual_tokens=visual_tokens.expand(len(texts), -1, -1),
-                                  prompt_mask=None if mask is None else mask.to(self.dev), **self.generation)
-        return data.decode_reports(self.tok, out, ids.shape[1], self.prompt)  # the indication is not in them
+        return data.write_reports(self.model, self.tok, visual_tokens.expand(len(texts), -1, -1), self.prompt, texts,
+                                  [diagnosis] * len(texts), **self.generation)  # the indication is not in them
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -167,12 +167,10 @@ def generate_predictions(run_dir, split_name, ckpt='', device='auto', batch_size
         probs = enc['cond_logits'].float().sigmoid().cpu().numpy()
         decisions = decide(probs, thresholds)
         slots = None if not diagnosis else (b['cond_labels'] > 0.5).tolist() if oracle else decisions.tolist()
-        prompts, mask = data.prompt_batch(tok, ds.prompt, indications, slots)
         with torch.no_grad():
-            ids = model.generate(None, prompts.to(dev), visual_tokens=enc['visual_tokens'], prompt_mask=mask,
-                                 **generation)
+            reports = data.write_reports(model, tok, enc['visual_tokens'], ds.prompt, indications, slots, **generation)
         attention = enc['attention'].float().cpu().numpy()
-        for i, (k, hyp) in enumerate(zip(b['ids'], data.decode_reports(tok, ids, prompts.shape[1], ds.prompt))):
+        for i, (k, hyp) in enumerate(zip(b['ids'], reports)):
             r = by_id[k]
             rec = dict(id=k, reference=data.target_text(r, target), hypothesis=hyp, probabilities=probs[i].round(5).tolist(),
                        decisions=decisions[i].astype(int).tolist(), thresholds_chosen=meta.get('thresholds') is not None,

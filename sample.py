@@ -128,9 +128,8 @@ def main():
             enc = model.encode(x, return_attention=bool(attention_dir))  # once, for probabilities and report
             probs = enc['cond_logits'].float().sigmoid().cpu()
             decisions = decide(probs.numpy(), thresholds)
-            prompts, mask = data.prompt_batch(tok, section, [use] * len(loaded), decisions.tolist() if diagnosis else None)
-            ids = model.generate(None, prompts.to(dev), visual_tokens=enc['visual_tokens'], prompt_mask=mask, **generation)
-        reports = data.decode_reports(tok, ids, prompts.shape[1], section)
+            reports = data.write_reports(model, tok, enc['visual_tokens'], section, [use] * len(loaded),
+                                         decisions.tolist() if diagnosis else None, **generation)
         for i, (f, im) in enumerate(loaded):
             p = {c: round(probs[i, j].item(), 4) for j, c in enumerate(CONDITIONS)}
             record = dict(image=f, report=reports[i].strip(), probabilities=p,

@@ -57,9 +57,7 @@ def sample_reports(model, dataset, tok, n, max_len, context=False, target='both'
     by_id = {r['id']: r for r in dataset.records}
     enc = model.encode(torch.stack([x['image'] for x in items]).to(device))
     decisions = decide(enc['cond_logits'].float().sigmoid().cpu().numpy(), thresholds).tolist() if diagnosis else None
-    prompts, mask = data.prompt_batch(tok, dataset.prompt, [by_id[x['id']].get('indication', '') if context else ''
-                                                            for x in items], decisions)
-    ids = model.generate(None, prompts.to(device), visual_tokens=enc['visual_tokens'], prompt_mask=mask,
-                         num_beams=1, min_length=1, max_length=max_len)
-    reports = data.decode_reports(tok, ids, prompts.shape[1], dataset.prompt)
+    indications = [by_id[x['id']].get('indication', '') if context else '' for x in items]
+    reports = data.write_reports(model, tok, enc['visual_tokens'], dataset.prompt, indications, decisions,
+                                 num_beams=1, min_length=1, max_length=max_len)
     return [(x['id'], data.target_text(by_id[x['id']], target), report) for x, report in zip(items, reports)]
