@@ -27,6 +27,7 @@ binarize() turns the four states into training targets; make_labeler() returns t
 labeler or, given its checkpoint, CheXbert.
 """
 import csv
+import functools
 import json
 import re
 import sys
@@ -225,6 +226,28 @@ def label_report(text):
     others = [labels[c] for c in CONDITIONS if c not in ('No Finding', 'Support Devices')]
     labels['No Finding'] = None if any(v in (1, -1) for v in others) else 1
     return [labels[c] for c in CONDITIONS]
+
+
+@functools.lru_cache(maxsize=1 << 16)  # template sentences repeat across reports
+def states_finding(sentence):
+    """Whether the labeler reads a condition other than No Finding as present or uncertain."""
+    return any(v in (1, -1) for v in label_report(sentence)[1:])
+
+
+SENTENCE = re.compile(r'[^\s|][^|]*?(?:\.(?=\s|$)|(?=\s*\|)|$)')  # up to a period before a space, or a section's end
+SECTION_HEADER = re.compile(r'(?:Findings|Impression):\s*')
+
+
+def finding_sentences(text):
+    """[(start, end)]: the character spans of a report's sentences that state a finding
+    (states_finding), section headers ('Impression: ') left out."""
+    spans = []
+    for m in SENTENCE.finditer(text):
+        header = SECTION_HEADER.match(m.group())
+        start = m.start() + (header.end() if header else 0)
+        if states_finding(text[start:m.end()]):
+            spans.append((start, m.end()))
+    return spans
 
 
 def binarize(labels, uncertain='positive'):

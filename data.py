@@ -8,11 +8,9 @@ copies under images_<short_side>/ and a manifest.json; prepare.py writes it from
 download (`python prepare.py --dataset=...`), and ReportDataset reads it, whichever
 dataset made it.
 """
-import functools
 import hashlib
 import json
 import os
-import re
 import stat
 import sys
 import warnings
@@ -20,7 +18,7 @@ import warnings
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from chexpert import CONDITIONS, diagnosis_text, label_report
+from chexpert import CONDITIONS, diagnosis_text, finding_sentences
 from metrics import decide
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey image
@@ -367,29 +365,14 @@ def encode_report(tok, prompt, report, max_len, indication='', diagnosis=None, f
     return [tok.pad_token_id] + seq[:-1], [-100] * len(p) + t, weights
 
 
-@functools.lru_cache(maxsize=1 << 16)  # template sentences repeat across reports
-def states_finding(sentence):
-    """Whether the rule labeler reads a condition other than No Finding as present or uncertain."""
-    return any(v in (1, -1) for v in label_report(sentence)[1:])
-
-
-SENTENCE = re.compile(r'[^\s|][^|]*?(?:\.(?=\s|$)|(?=\s*\|)|$)')  # up to a period before a space, or a section's end
-SECTION_HEADER = re.compile(r'(?:Findings|Impression):\s*')
-
-
 def finding_weights(tok, text, weight):
     """One loss weight per token of `text`: `weight` on the tokens of the sentences that state a
-    finding (states_finding), 1 on the rest (normal statements, section headers). DiseaseT5
+    finding (chexpert.finding_sentences), 1 on the rest (normal statements, section headers). DiseaseT5
     weighs them x5: the words that differ between reports are few beside the template around them."""
     if not getattr(tok, 'is_fast', False):
         raise ValueError(f"finding_weight needs a fast tokenizer (its offsets), got {type(tok).__name__}")
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = []
-    for m in SENTENCE.finditer(text):
-        header = SECTION_HEADER.match(m.group())
-        start = m.start() + (header.end() if header else 0)
-        if states_finding(text[start:m.end()]):
-            spans.append((start, m.end()))
+    spans = finding_sentences(text)
     # a token belongs to a sentence it overlaps (SentencePiece's '_Mild' starts at the space before it)
     return [weight if any(start < b and end > a for a, b in spans) else 1.0 for start, end in enc['offset_mapping']]
 
