@@ -287,13 +287,28 @@ def load_chexbert(checkpoint, bert):
     return model.eval(), AutoTokenizer.from_pretrained(bert)
 
 
+def labeled_once(label):
+    """label (list[str] -> labels), asked only for the texts it has not labeled before, each
+    once: eval.py labels the references for every system it scores, and the model's reports
+    for clinical F1 and again for faithfulness; template reports repeat."""
+    known = {}
+
+    def cached(texts):
+        new = [t for t in dict.fromkeys(texts) if t not in known]
+        if new:
+            known.update(zip(new, label(new)))
+        return [known[t] for t in texts]
+    return cached
+
+
 def make_labeler(kind='rule', chexbert=None, bert=None, batch_size=16):
     """A function list[str] -> list of 14-lists (1, 0, -1, None): the rule-based labeler,
-    or CheXbert when its checkpoint and a local bert-base-uncased are given."""
+    or CheXbert when its checkpoint and a local bert-base-uncased are given. Each distinct
+    text is labeled once per labeler (labeled_once)."""
     if chexbert is None:
         if kind != 'rule':
             raise ValueError(f"kind={kind!r} needs chexbert=path/to/chexbert.pth and bert=local/bert-base-uncased")
-        return lambda texts: [label_report(t) for t in texts]
+        return labeled_once(lambda texts: [label_report(t) for t in texts])
     import torch
     model, tok = load_chexbert(chexbert, bert)
 
@@ -309,7 +324,7 @@ def make_labeler(kind='rule', chexbert=None, bert=None, batch_size=16):
                 by_name = {c: CHEXBERT_CLASSES[classes[j][b]] for j, c in enumerate(CHEXBERT_ORDER)}
                 out.append([by_name[c] for c in CONDITIONS])
         return out
-    return label
+    return labeled_once(label)
 
 
 # --- agreement with IU X-ray's MeSH and Problems columns ---------------------------------

@@ -48,6 +48,20 @@ def test_score_names_records_cut_to_the_length_limit(capsys):
     assert 'long-reference' in err and 'long-hypothesis' in err
 
 
+def test_each_distinct_text_is_labeled_once_for_clinical_f1_and_faithfulness(monkeypatch):
+    import chexpert
+    asked = []
+    label_report = chexpert.label_report
+    monkeypatch.setattr(chexpert, 'label_report', lambda text: asked.append(text) or label_report(text))
+    records = prediction_records()
+    for r in records:
+        r['decisions'] = [int(p > 0.5) for p in r['probabilities']]        # faithfulness labels the reports again
+    m = ev.score(records)                                                # six records, two distinct texts
+    assert len(asked) == len(set(asked))                                 # no text labeled twice
+    assert set(asked) == {EFFUSION, CLEAR}
+    assert m['faithfulness']['agreement'] > 0 and m['systems']['model']['clinical']['micro14']['f1'] > 0
+
+
 def test_table_shows_per_condition_f1_beside_auc_and_the_paper_style_row():
     m = ev.score(prediction_records())
     e = m['systems']['model']['clinical']['Pleural Effusion']
