@@ -410,9 +410,10 @@ class CheXQuery(nn.Module):
             out['logits'] = dec.logits                                           # (B, T, V)
             if labels is not None:
                 # computed here: T5's own forward ignores label smoothing
+                weighted = token_weights is not None  # else torch's own mean, bit for bit
                 ce = F.cross_entropy(dec.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                     label_smoothing=label_smoothing, reduction='mean' if token_weights is None else 'none')
-                out['loss_gen'] = ce if token_weights is None else (ce * token_weights.flatten()).sum() / token_weights.sum()
+                                     label_smoothing=label_smoothing, reduction='none' if weighted else 'mean')
+                out['loss_gen'] = (ce * token_weights.flatten()).sum() / token_weights.sum() if weighted else ce
         if cond_labels is not None:
             out['loss_aux'] = F.binary_cross_entropy_with_logits(out['cond_logits'].float(), cond_labels.float())
             if 'loss_gen' in out:

@@ -367,8 +367,8 @@ def encode_report(tok, prompt, report, max_len, indication='', diagnosis=None, f
 
 def finding_weights(tok, text, weight):
     """One loss weight per token of `text`: `weight` on the tokens of the sentences that state a
-    finding (chexpert.finding_sentences), 1 on the rest (normal statements, section headers). DiseaseT5
-    weighs them x5: the words that differ between reports are few beside the template around them."""
+    finding (chexpert.finding_sentences), 1 on the rest (normal statements, section headers).
+    DiseaseT5 weighs them x5: the words that differ between reports are few beside the template."""
     if not getattr(tok, 'is_fast', False):
         raise ValueError(f"finding_weight needs a fast tokenizer (its offsets), got {type(tok).__name__}")
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -485,8 +485,9 @@ class ReportDataset(torch.utils.data.Dataset):
         diagnoses = [(y > 0.5).tolist() if diagnosis else None for y in self.cond_labels]
         self.tokens = [encode_report(tokenizer, self.prompt, text, max_len, '', d, finding_weight)
                        for text, d in zip(self.texts, diagnoses)]
-        self.context_tokens = [encode_report(tokenizer, self.prompt, text, max_len, indication, d, finding_weight) if indication
-                               else None for text, indication, d in zip(self.texts, self.indications, diagnoses)]
+        self.context_tokens = [encode_report(tokenizer, self.prompt, text, max_len, indication, d, finding_weight)
+                               if indication else None
+                               for text, indication, d in zip(self.texts, self.indications, diagnoses)]
         self.warned = set()
         self.cached = set()  # ids whose image train.py no longer needs (it has their encoder outputs)
 
@@ -540,7 +541,8 @@ def own_diagnosis_tokens(tok, prompt, batch, max_len, thresholds, logits, findin
     where batch['own'] is set, the reference labels elsewhere; the rest as the dataset made it."""
     decisions = decide(logits.float().sigmoid().cpu().numpy(), thresholds).tolist()
     references = (batch['cond_labels'] > 0.5).tolist()
-    return pad_tokens([encode_report(tok, prompt, text, max_len, indication, own_decisions if own else reference, finding_weight)
+    return pad_tokens([encode_report(tok, prompt, text, max_len, indication, own_decisions if own else reference,
+                                     finding_weight)
                        for text, indication, own, own_decisions, reference in
                        zip(batch['text'], batch['indication'], batch['own'], decisions, references)])
 
