@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ablations (the table of 2026-12-01 is in docs/history.md), 3 seeds each, on a short schedule (phases of 1, 3 and 1 epochs
-# instead of 3, 6 and 3: 470 steps instead of 1,128, so 30 runs fit on 2 cores), each run one
+# instead of 3, 6 and 3: 465 steps instead of 1,116), each run one
 # call of mini.sh into out-abl/NAME-SEED; then eval.py --seeds combines them:
 #
 #   bash docs/ablations.sh               # every run, two at a time, one thread each
@@ -19,8 +19,11 @@ declare -A RUNS=(
   [prior-soft]='--anatomical_prior=soft'
   [prior-strict]='--anatomical_prior=strict'
   [findings]='--target=findings'
+  [no-finding-weight]='--finding_weight=1'
+  [diagnosis]='--diagnosis_prompt=True --own_diagnosis=0'
 )
-ORDER=(full random-queries gate no-aux no-anatomical no-phase1 context prior-soft prior-strict findings)
+# the rows about the parts first: a row's three seeds finish before the next row starts
+ORDER=(full no-aux random-queries gate no-anatomical no-phase1 no-finding-weight diagnosis context prior-soft prior-strict findings)
 names=("${@:-${ORDER[@]}}")
 python pretrain.py > /dev/null
 
@@ -41,5 +44,5 @@ run() {  # name seed
 export -f run
 export RUNS_DECL
 RUNS_DECL=$(declare -p RUNS)
-for seed in 1337 1 2; do for name in "${names[@]}"; do echo "$name $seed"; done; done |
+for name in "${names[@]}"; do for seed in 1337 1 2; do echo "$name $seed"; done; done |
   xargs -P 2 -L 1 bash -c 'eval "$RUNS_DECL"; run "$0" "$1"'

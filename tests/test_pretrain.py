@@ -261,3 +261,16 @@ def test_a_backbone_made_from_another_phantom_vocabulary_is_not_reused(backbones
     r = run_script('pretrain.py', f'--data_dir={other}', f'--out_dir={tmp_path / "out"}', '--image_size=64',
                    check=False)
     assert r.returncode != 0 and str(tmp_path / 'out' / 't5') in r.stderr and 'delete it' in r.stderr
+
+
+def test_probe_features_are_the_global_token_beside_the_mean_patch_token(backbones, phantom_dir):
+    """The probe reads what CheXQuery reads: the gate the global token, the queries the patches."""
+    path, model = backbones['siglip']
+    images = [data.load_image(os.path.join(phantom_dir, r['image'])) for r in data.read_split(phantom_dir, 'val')[:3]]
+    transform = data.eval_transform(S)
+    features = pretrain.image_features(model.vision_model, images, transform, batch_size=2)   # (3, 2 * WIDTH)
+    with torch.no_grad():
+        out = model.vision_model(pixel_values=pretrain.stack(images, transform))
+    assert features.shape == (3, 2 * WIDTH)
+    assert torch.allclose(features[:, :WIDTH], out.pooler_output, atol=1e-5)
+    assert torch.allclose(features[:, WIDTH:], out.last_hidden_state.mean(1), atol=1e-5)
