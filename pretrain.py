@@ -45,8 +45,8 @@ width = 128                   # SigLIP's vision width = T5's d_model = BERT's wi
 text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
 layers = 2                    # transformer layers per tower (T5: per stack)
 heads = 4
-siglip_epochs = 6             # the tiny ViT learns the thin findings slowly: more steps buy AUC at their cost (README)
-siglip_batch_size = 16        # the loss first collapses (every pair scores alike) for ~120 steps at any batch
+siglip_epochs = 26            # 2,418 steps: the tiny ViT learns slowly, the probe gains ~0.03 per doubling (docs/history.md)
+siglip_batch_size = 32        # images seen is what counts: batch 64 for half the steps reads the same
 multi_positive = False        # identical reports as each other's matches, not negatives (rare in the phantom set)
 siglip_lr = 1e-3
 augment = True                # SigLIP's images through data.train_transform, as CheXQuery's training sees them
