@@ -21,7 +21,7 @@ check, a linear probe of its features (global and mean patch token) for the 14 l
 what a small CNN trained on the labels themselves reaches (out_dir/ceiling.json, from --ceiling).
 SigLIP pairs each image with its report and no label (multi_positive: identical reports count as matches).
 A backbone whose directory already exists is skipped. SigLIP trains here while T5, then
-BERT, train in a second process: each on one core.
+BERT, train in a second process, each on one core; then SigLIP trains on both.
 """
 import math
 import os
@@ -65,9 +65,10 @@ PROBE_FILE = 'probe.json'     # in the SigLIP directory: its linear probe's val 
 CEILING_FILE = 'ceiling.json' # in out_dir: the supervised CNN's val AUCs (ceiling.py), trained only when asked
 
 
-def fit(model, loss_fn, batches, steps, lr, name, weight_decay=0.01, warmup=0.05):
+def fit(model, loss_fn, batches, steps, lr, name, weight_decay=0.01, warmup=0.05, widen=None):
     """Trains model on loss_fn(next(batches)) for `steps` steps: AdamW, linear warmup, then
     cosine decay to lr/10, no weight decay on biases, norms and SigLIP's scale and bias.
+    widen, asked before each step, returns a thread count to train on from then on (0: not yet).
     Prints the loss ten times."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
@@ -84,6 +85,9 @@ def fit(model, loss_fn, batches, steps, lr, name, weight_decay=0.01, warmup=0.05
     model.train()
     t0, log_every = time.time(), max(1, steps // 10)
     for step in range(steps):
+        if widen is not None and (threads := widen()):
+            torch.set_num_threads(threads)  # here, in the thread that trains: OpenMP's count is per thread
+            widen = None
         loss = loss_fn(next(batches))
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,7 +216,7 @@ def siglip_checks(model, train, val, transform, probe_steps):
 
 
 def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augment, probe_steps, seed,
-                    multi_positive=False):
+                    multi_positive=False, widen=None):
     """Trains a new SigLIP on train's image-report pairs (multi_positive: identical reports are matches), prints its checks next to the same
     checks before training, saves it with tok into path; returns (model, results)."""
     image_size = model.config.vision_config.image_size
@@ -229,7 +233,7 @@ def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augmen
         return model(**text_inputs(texts), pixel_values=images, return_loss=True).loss
 
     steps = epochs * (len(train['images']) // batch_size)
-    fit(model, loss, shuffled(len(train['images']), batch_size, generator), steps, lr, 'siglip')
+    fit(model, loss, shuffled(len(train['images']), batch_size, generator), steps, lr, 'siglip', widen=widen)
     top1, top5, auc, aucs = siglip_checks(model, train, val, evaluate, probe_steps)
     n = len(val['images'])
     print(f"siglip: val image->report retrieval top-1 {top1:.3f}, top-5 {top5:.3f} (chance {1 / n:.3f}, "
@@ -446,11 +450,10 @@ def pretrain_bert(model, tok, train_reports, val_reports, path, epochs, batch_si
 
 
 # --- the script -------------------------------------------------------------------
-def run(name, path, data_dir, settings):
+def run(name, path, data_dir, settings, widen=None):
     """Builds, trains and saves one backbone (settings: the script's config); returns its wall
-    and CPU seconds. On one thread: the other core trains the other backbones, and these
-    small matrices gain little from a second thread while a busy machine's other work makes
-    two threads wait on each other."""
+    and CPU seconds. On one thread while the other core trains the other backbones; SigLIP
+    takes every core once widen (fit's) says they are free: 1.75x faster steps on two."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
@@ -471,7 +474,7 @@ def run(name, path, data_dir, settings):
         check_unseen(data_dir)
         train, val = (image_text_split(data_dir, split, tok, text_len) for split in ('train', 'val'))
         pretrain_siglip(model, train, val, tok, path, c['siglip_epochs'], c['siglip_batch_size'], c['siglip_lr'],
-                        c['augment'], c['probe_steps'], c['seed'], c['multi_positive'])
+                        c['augment'], c['probe_steps'], c['seed'], c['multi_positive'], widen)
         return time.time() - t0, time.process_time() - cpu0
     val_reports = [r['report'] for r in data.read_split(data_dir, 'val')]
     if name == 't5':
@@ -516,11 +519,13 @@ def main(settings):
             print(f"{name}: {path} exists, skipping it (delete it to train it again)")
         else:
             todo[name] = path
-    # T5 then BERT in a second process while SigLIP, the longest, trains here
+    # T5 then BERT in a second process while SigLIP, the longest, trains here, on every core once they are done
+    cores = torch.get_num_threads()  # torch's default: the cores, or OMP_NUM_THREADS
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
         text = {name: pool.submit(run, name, todo[name], data_dir, settings)
                 for name in ('t5', 'bert') if name in todo and parallel}
-        seconds = {name: run(name, todo[name], data_dir, settings) for name in todo if name not in text}
+        widen = lambda: cores if all(job.done() for job in text.values()) else 0
+        seconds = {name: run(name, todo[name], data_dir, settings, widen) for name in todo if name not in text}
         seconds.update({name: job.result() for name, job in text.items()})
     if ceiling:
         todo['ceiling'] = os.path.join(out_dir, CEILING_FILE)

@@ -274,3 +274,23 @@ def test_probe_features_are_the_global_token_beside_the_mean_patch_token(backbon
     assert features.shape == (3, 2 * WIDTH)
     assert torch.allclose(features[:, :WIDTH], out.pooler_output, atol=1e-5)
     assert torch.allclose(features[:, WIDTH:], out.last_hidden_state.mean(1), atol=1e-5)
+
+
+def test_fit_takes_the_threads_widen_offers_once_it_offers_them():
+    """SigLIP trains on one core while T5 and BERT train on the other, then on every core."""
+    threads = torch.get_num_threads()
+    asked = []
+
+    def widen():  # the text backbones finish after the second step
+        asked.append(torch.get_num_threads())
+        return 2 if len(asked) >= 3 else 0
+
+    try:
+        torch.set_num_threads(1)
+        model = torch.nn.Linear(3, 1)
+        batches = iter(lambda: torch.randn(4, 3), None)
+        pretrain.fit(model, lambda x: model(x).square().mean(), batches, steps=5, lr=1e-3, name='t', widen=widen)
+        assert asked == [1, 1, 1]              # asked until it said yes, never again
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
