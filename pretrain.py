@@ -17,11 +17,12 @@ since no pretrained weights can be downloaded:
            tokenizer reads 12 of the 14 names as <unk> only
 
 Each backbone prints its losses and checks on the val split that it learned something; SigLIP's
-check, a linear probe of its features (global and mean patch token) for the 14 labels, is printed per condition beside
-what a small CNN trained on the labels themselves reaches (out_dir/ceiling.json, from --ceiling).
+check, a linear probe of its features (global and mean patch token) for the 14 labels, is printed
+per condition beside what a small CNN trained on the labels themselves reaches (out_dir/ceiling.json,
+from --ceiling).
 SigLIP pairs each image with its report and no label (multi_positive: identical reports count as matches).
 A backbone whose directory already exists is skipped. SigLIP trains here while T5, then
-BERT, train in a second process, each on one core; then SigLIP trains on both.
+BERT, train in a second process, each on one core; then SigLIP trains on every core.
 """
 import math
 import os
@@ -45,7 +46,7 @@ width = 128                   # SigLIP's vision width = T5's d_model = BERT's wi
 text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
 layers = 2                    # transformer layers per tower (T5: per stack)
 heads = 4
-siglip_epochs = 26            # 2,418 steps: the tiny ViT learns slowly, the probe gains ~0.03 per doubling (docs/history.md)
+siglip_epochs = 26            # 2,418 steps: the tiny ViT learns slowly, more steps buy probe AUC (docs/history.md)
 siglip_batch_size = 32        # images seen is what counts: batch 64 for half the steps reads the same
 multi_positive = False        # identical reports as each other's matches, not negatives (rare in the phantom set)
 siglip_lr = 1e-3
@@ -56,7 +57,7 @@ bert_epochs = 4
 bert_lr = 2e-3
 text_batch_size = 64          # T5 and BERT
 probe_steps = 300             # logistic-regression steps of the SigLIP feature probe
-parallel = True               # T5 and BERT in a second process while SigLIP trains: one core each
+parallel = True               # T5 and BERT in a second process while SigLIP trains on one core, then on all
 ceiling = False               # --ceiling: train the supervised CNN ceiling again (minutes) and cache it in out_dir
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -217,8 +218,9 @@ def siglip_checks(model, train, val, transform, probe_steps):
 
 def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augment, probe_steps, seed,
                     multi_positive=False, widen=None):
-    """Trains a new SigLIP on train's image-report pairs (multi_positive: identical reports are matches), prints its checks next to the same
-    checks before training, saves it with tok into path; returns (model, results)."""
+    """Trains a new SigLIP on train's image-report pairs (multi_positive: identical reports are
+    matches; widen: fit's), prints its checks next to the same checks before training, saves it
+    with tok into path; returns (model, results)."""
     image_size = model.config.vision_config.image_size
     evaluate = data.eval_transform(image_size)
     chance = siglip_checks(model, train, val, evaluate, probe_steps)
@@ -238,7 +240,8 @@ def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augmen
     n = len(val['images'])
     print(f"siglip: val image->report retrieval top-1 {top1:.3f}, top-5 {top5:.3f} (chance {1 / n:.3f}, "
           f"{5 / n:.3f}; random init {chance[0]:.3f}, {chance[1]:.3f})")
-    print(f"siglip: linear probe of global and mean patch features, val mean AUC {auc:.3f} (random init {chance[2]:.3f})")
+    print(f"siglip: linear probe of global and mean patch features, val mean AUC {auc:.3f} "
+          f"(random init {chance[2]:.3f})")
     results = dict(top1=top1, top5=top5, auc=auc, aucs=dict(zip(CONDITIONS, aucs.tolist())),
                    random_init=dict(top1=chance[0], top5=chance[1], auc=chance[2]))
     save(model, tok, path, {PROBE_FILE: results})
@@ -453,7 +456,7 @@ def pretrain_bert(model, tok, train_reports, val_reports, path, epochs, batch_si
 def run(name, path, data_dir, settings, widen=None):
     """Builds, trains and saves one backbone (settings: the script's config); returns its wall
     and CPU seconds. On one thread while the other core trains the other backbones; SigLIP
-    takes every core once widen (fit's) says they are free: 1.75x faster steps on two."""
+    takes torch's threads once T5 and BERT are done (fit's widen): 1.75x faster steps on two."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
@@ -490,6 +493,14 @@ def run(name, path, data_dir, settings, widen=None):
     return time.time() - t0, time.process_time() - cpu0
 
 
+def all_done(jobs):
+    """Whether every job (a Future) is done; a failed one raises its error at once, not after SigLIP."""
+    for job in jobs:
+        if job.done() and job.exception() is not None:
+            raise job.exception()
+    return all(job.done() for job in jobs)
+
+
 def vocabulary_problem(path, data_dir):
     """Why a backbone directory made from the phantom tokenizer does not fit data_dir's (an older
     phantom set numbered its words differently); None when it fits or holds no tokenizer."""
@@ -519,12 +530,14 @@ def main(settings):
             print(f"{name}: {path} exists, skipping it (delete it to train it again)")
         else:
             todo[name] = path
-    # T5 then BERT in a second process while SigLIP, the longest, trains here, on every core once they are done
-    cores = torch.get_num_threads()  # torch's default: the cores, or OMP_NUM_THREADS
+    # T5 then BERT in a second process while SigLIP, the longest, trains here, on torch's threads once they are
+    # done (its physical cores, or OMP_NUM_THREADS: set it to 1 on a busy machine). The switch's step
+    # depends on timing, so a retrained tower may differ in its last digits.
+    cores = torch.get_num_threads()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
         text = {name: pool.submit(run, name, todo[name], data_dir, settings)
                 for name in ('t5', 'bert') if name in todo and parallel}
-        widen = lambda: cores if all(job.done() for job in text.values()) else 0
+        widen = lambda: cores if all_done(text.values()) else 0
         seconds = {name: run(name, todo[name], data_dir, settings, widen) for name in todo if name not in text}
         seconds.update({name: job.result() for name, job in text.items()})
     if ceiling:
@@ -532,7 +545,8 @@ def main(settings):
         seconds['ceiling'] = run('ceiling', todo['ceiling'], data_dir, settings)
     for name in todo:
         print(f"{name}: saved {todo[name]} in {seconds[name][0]:.0f} s ({seconds[name][1]:.0f} s of CPU)")
-    print('\n'.join(probe.against_ceiling(os.path.join(out_dir, 'siglip', PROBE_FILE), os.path.join(out_dir, CEILING_FILE))))
+    print('\n'.join(probe.against_ceiling(os.path.join(out_dir, 'siglip', PROBE_FILE),
+                                         os.path.join(out_dir, CEILING_FILE))))
     print(f"pretrain.py: {time.time() - t0:.0f} s in all")
 
 

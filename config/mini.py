@@ -13,7 +13,7 @@ full_backbones = False            # LoRA only, as with real pretrained backbones
 batch_size = 16                   # effective batch 16 x 2 = 32
 gradient_accumulation_steps = 2
 lambda_gen = 1.0
-finding_weight = 5.0              # the finding sentences' tokens count x5 in the loss, as in DiseaseT5 (the README's A/B)
+finding_weight = 5.0              # the finding sentences' tokens count x5 in the loss, as in DiseaseT5 (docs/diagnosis.md's A/B)
 eval_interval = 200
 log_interval = 25
 sample_reports = 2

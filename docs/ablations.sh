@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The ablations (the table of 2026-12-01 is in docs/history.md), 3 seeds each, on a short schedule (phases of 1, 3 and 1 epochs
-# instead of 3, 6 and 3: 465 steps instead of 1,116), each run one
-# call of mini.sh into out-abl/NAME-SEED; then eval.py --seeds combines them:
+# The ablations (the README's table; the one of 2026-12-01 is in docs/history.md), 3 seeds each, on a
+# short schedule (phases of 1, 3 and 1 epochs instead of 3, 6 and 3: 465 steps instead of 1,116), each
+# run one call of mini.sh into out-abl/NAME-SEED; then eval.py --seeds combines them:
 #
 #   bash docs/ablations.sh               # every run, two at a time, one thread each
 #   bash docs/ablations.sh full gate     # only these
@@ -22,8 +22,9 @@ declare -A RUNS=(
   [no-finding-weight]='--finding_weight=1'
   [diagnosis]='--diagnosis_prompt=True --own_diagnosis=0'
 )
-# the rows about the parts first: a row's three seeds finish before the next row starts
-ORDER=(full no-aux random-queries gate no-anatomical no-phase1 no-finding-weight diagnosis context prior-soft prior-strict findings)
+# the rows about the parts first, in order, a row's seeds together
+ORDER=(full no-aux random-queries gate no-anatomical no-phase1 no-finding-weight diagnosis context
+       prior-soft prior-strict findings)
 names=("${@:-${ORDER[@]}}")
 python pretrain.py > /dev/null
 

@@ -294,3 +294,18 @@ def test_fit_takes_the_threads_widen_offers_once_it_offers_them():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_siglip_widens_when_every_text_job_is_done_and_a_failed_one_raises_at_once():
+    from concurrent.futures import Future
+    t5, bert = Future(), Future()
+    assert pretrain.all_done([])                 # nothing in the second process: every core from the start
+    assert not pretrain.all_done([t5, bert])
+    t5.set_result((1.0, 1.0))
+    assert not pretrain.all_done([t5, bert])
+    bert.set_exception(ValueError('bert broke'))
+    with pytest.raises(ValueError, match='bert broke'):
+        pretrain.all_done([t5, bert])
+    done = Future()
+    done.set_result((1.0, 1.0))
+    assert pretrain.all_done([t5, done])
