@@ -385,8 +385,10 @@ def test_the_command_line_serves_until_ctrl_c_and_a_taken_port_is_named(tiny_run
     import urllib.request
     from conftest import ROOT
     env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    # a shell's background job ignores SIGINT, and so would the demo it starts: give it the default back
     p = subprocess.Popen([sys.executable, 'demo.py', f'--out_dir={tiny_run}', '--port=0', '--num_beams=1'],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = ''
         while 'http://' not in line:
