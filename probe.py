@@ -123,7 +123,8 @@ def against_ceiling(probe_path, ceiling_path):
     found, top = read(probe_path), read(ceiling_path)
     if found is None and top is None:
         return []
-    lines = ["siglip: linear probe of global and mean patch features against the supervised CNN ceiling, val ROC-AUC:"]
+    lines = ["siglip: linear probe of global and mean patch features against the supervised CNN ceiling, "
+             "val ROC-AUC:"]
     lines += table(found, top)
     if top is None:
         lines.append(f"  (no ceiling in {ceiling_path}: python pretrain.py --ceiling trains it)")
