@@ -81,9 +81,10 @@ def val_aucs(model, images, labels, transform, batch_size=100):
 
 
 def ceiling(train, val, train_transform, eval_transform, path, epochs=4, batch_size=64, lr=2e-3, weight_decay=0.05,
-            seed=1337):
+            seed=1337, data=None):
     """Trains the ceiling CNN on train's images and labels, scores it on val's, writes the result
-    to path (JSON) and returns it: {'auc': mean, 'aucs': {condition: AUC}, 'seconds', 'recipe'}."""
+    to path (JSON) and returns it: {'auc': mean, 'aucs': {condition: AUC}, 'seconds', 'recipe',
+    'data'}; data names the images it was measured on, so no other set reads it."""
     torch.manual_seed(seed)
     t0 = time.time()
     model = train_cnn(resnet18(), train['images'], train['labels'], train_transform, epochs, batch_size, lr,
@@ -92,7 +93,7 @@ def ceiling(train, val, train_transform, eval_transform, path, epochs=4, batch_s
     valid = [a for a in aucs if a == a]
     result = dict(auc=sum(valid) / len(valid), aucs=dict(zip(CONDITIONS, aucs)), seconds=round(time.time() - t0),
                   recipe=dict(model='ResNet-18, 1-channel stem, random init', epochs=epochs, batch_size=batch_size,
-                              lr=lr, weight_decay=weight_decay, seed=seed, uncertain='positive'))
+                              lr=lr, weight_decay=weight_decay, seed=seed, uncertain='positive'), data=data)
     with open(path + '.tmp', 'w') as file:
         json.dump(result, file, indent=1)
     os.replace(path + '.tmp', path)
@@ -118,14 +119,28 @@ def table(found, top):
     return rows + [f"  {'mean':<28}{cell(found, 'auc'):>13}{cell(top, 'auc'):>13}"]
 
 
-def against_ceiling(probe_path, ceiling_path):
-    """Lines: the probe's val AUCs cached at probe_path beside the ceiling's cached at ceiling_path."""
-    found, top = read(probe_path), read(ceiling_path)
+def matching(paths, data):
+    """(result, path): the first cached ceiling among paths measured on data, else (None, None)."""
+    for path in paths:
+        result = read(path)
+        if result is not None and result.get('data') == data:
+            return result, path
+    return None, None
+
+
+def against_ceiling(probe_path, ceiling_paths, data):
+    """Lines: the probe's val AUCs cached at probe_path beside the first ceiling cached among
+    ceiling_paths that was measured on the same data."""
+    found, (top, source) = read(probe_path), matching(ceiling_paths, data)
     if found is None and top is None:
         return []
     lines = ["siglip: linear probe of global and mean patch features against the supervised CNN ceiling, "
              "val ROC-AUC:"]
     lines += table(found, top)
     if top is None:
-        lines.append(f"  (no ceiling in {ceiling_path}: python pretrain.py --ceiling trains it)")
+        lines.append(f"  (no ceiling for this data in {' or '.join(ceiling_paths)}: python pretrain.py --ceiling "
+                     "trains it)")
+    elif source != ceiling_paths[0]:
+        lines.append(f"  (the ceiling from {source}, measured on {top.get('machine', 'another machine')}: "
+                     "python pretrain.py --ceiling measures it here)")
     return lines

@@ -227,20 +227,48 @@ def test_ceiling_is_cached_and_printed_beside_the_probe(backbones, phantom_dir, 
     tok = data.load_tokenizer(phantom_dir)
     train, val = (pretrain.image_text_split(phantom_dir, s, tok, 40) for s in ('train', 'val'))
     path = str(tmp_path / pretrain.CEILING_FILE)
+    here = pretrain.phantom_identity(phantom_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    result = probe.ceiling(train, val, data.train_transform(S), data.eval_transform(S), path, epochs=1, batch_size=32)
+    result = probe.ceiling(train, val, data.train_transform(S), data.eval_transform(S), path, epochs=1, batch_size=32,
+                           data=here)
     torch.set_num_threads(threads)
     with open(path) as file:
         assert json.dumps(json.load(file)) == json.dumps(result)  # as text: NaN (a class absent from val) != NaN
     assert list(result['aucs']) == list(CONDITIONS)
-    found = probe.read(os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE))  # what pretraining cached
-    lines = probe.against_ceiling(os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE), path)
+    probe_path = os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE)
+    found = probe.read(probe_path)  # what pretraining cached
+    lines = probe.against_ceiling(probe_path, [path], here)
     row = next(line for line in lines if line.split()[:2] == ['Pleural', 'Effusion'])
     assert row.split()[2:] == [f"{found['aucs']['Pleural Effusion']:.3f}", f"{result['aucs']['Pleural Effusion']:.3f}"]
     assert lines[-1].split()[1:] == [f"{found['auc']:.3f}", f"{result['auc']:.3f}"]
-    missing = probe.against_ceiling(os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE), str(tmp_path / 'none'))
+    missing = probe.against_ceiling(probe_path, [str(tmp_path / 'none')], here)
     assert 'python pretrain.py --ceiling' in missing[-1] and missing[-2].split()[-1] == '-'
+
+
+def test_a_ceiling_is_read_only_on_the_data_it_was_measured_on(backbones, phantom_dir, tmp_path):
+    """out_dir's own ceiling first, then the reference; neither when made from other images."""
+    import json
+    import probe
+    here = pretrain.phantom_identity(phantom_dir)
+    assert here['generator_version'] is not None and here['params']['seed'] is not None
+    probe_path = os.path.join(backbones['siglip'][0], pretrain.PROBE_FILE)
+
+    def cached(name, auc, identity):
+        path = str(tmp_path / name)
+        with open(path, 'w') as file:
+            json.dump(dict(auc=auc, aucs={c: auc for c in CONDITIONS}, machine='a test CPU', data=identity), file)
+        return path
+    other = dict(here, params=dict(here['params'], seed=here['params']['seed'] + 1))
+    own, stale, reference = cached('own.json', 0.91, here), cached('stale.json', 0.92, other), cached('ref.json', 0.93, here)
+    mean = lambda lines: lines[len(CONDITIONS) + 1].split()[-1]   # the header, 14 rows, then the mean
+    assert mean(probe.against_ceiling(probe_path, [own, reference], here)) == '0.910'
+    lines = probe.against_ceiling(probe_path, [stale, reference], here)
+    assert mean(lines) == '0.930' and 'a test CPU' in lines[-1] and reference in lines[-1]
+    assert mean(probe.against_ceiling(probe_path, [stale, str(tmp_path / 'none')], here)) == '-'
+    # the reference shipped with the project names the default phantom set, and what measured it
+    shipped = probe.read(pretrain.REFERENCE_CEILING)
+    assert shipped['data']['params']['seed'] == 1337 and shipped['machine'] and 0.5 < shipped['auc'] <= 1
 
 
 def test_a_backbone_made_from_another_phantom_vocabulary_is_not_reused(backbones, phantom_dir, tmp_path):
