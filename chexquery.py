@@ -308,7 +308,10 @@ class CheXQuery(nn.Module):
             cond = nn.init.xavier_uniform_(torch.empty(len(CONDITIONS), D))
         else:
             cond = condition_query_init(cfg.query_init, D)
-            # put them on the anatomical queries' Xavier scale; the directions carry the meaning
+            # The names' [CLS] vectors share most of their direction (cosine 0.94 on average under the phantom
+            # BERT): taken as they are, the 14 queries start nearly alike. Centred, they keep what tells the
+            # names apart; then on the anatomical queries' Xavier scale.
+            cond = cond - cond.mean(0)
             cond = cond / cond.pow(2).mean().sqrt() * math.sqrt(2 / (A + D))
         self.condition_queries = nn.Parameter(cond)                                  # (14, D)
         self.anatomical_queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(A, D)))  # (6, D)

@@ -184,22 +184,45 @@ def resize_copy(job):
 
 
 def train_transform(size):
-    """The methodology's augmentations, exactly: no horizontal flip, ever (it would put
-    the heart on the wrong side and make 'left'/'right' in reports wrong)."""
+    """eval_transform, then augment on the one image (the DataLoader's workers draw per image)."""
     from torchvision import transforms as T
-    return T.Compose([
-        T.Resize((size, size), antialias=True),
-        T.RandomRotation(5),
-        T.RandomAffine(degrees=0, translate=(0.03, 0.03), scale=(0.97, 1.03)),
-        T.ColorJitter(brightness=0.05, contrast=0.05),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    return T.Compose([eval_transform(size), augment_one])
 
 
 def eval_transform(size):
     from torchvision import transforms as T
     return T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def augment(pixels, generator=None):
+    """The methodology's augmentations on normalized (B, 3, S, S) pixels, drawn per image: rotation
+    up to 5 degrees, shift up to 3%, scale 0.97-1.03 (nearest pixel, black outside, as torchvision
+    does), then brightness and contrast 0.95-1.05. No horizontal flip, ever (it would put the heart on
+    the wrong side and make 'left'/'right' in reports wrong). A whole batch at once: pretrain.py's
+    SigLIP augments its in-memory images at 4x the speed of PIL one by one."""
+    import math
+    import torch.nn.functional as F
+    B = pixels.shape[0]
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    x = pixels * std + mean                                           # (B, 3, S, S) in [0, 1]
+    uniform = lambda: torch.rand(B, generator=generator) * 2 - 1      # (B,) in [-1, 1)
+    angle, scale = uniform() * math.radians(5), 1 + 0.03 * uniform()
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift_x, shift_y = uniform() * 0.06, uniform() * 0.06             # 3% of the side: 0.06 of the grid's [-1, 1]
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], -1),
+                         torch.stack([sin, cos, shift_y], -1)], 1)    # (B, 2, 3): where each output pixel reads
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode='nearest', padding_mode='zeros', align_corners=False)
+    brightness, contrast = (1 + 0.05 * uniform()).view(B, 1, 1, 1), (1 + 0.05 * uniform()).view(B, 1, 1, 1)
+    x = (x * brightness).clamp(0, 1)
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = (contrast * x + (1 - contrast) * gray.mean((2, 3), keepdim=True)).clamp(0, 1)
+    return (x - mean) / std
+
+
+def augment_one(pixels):
+    """augment on one (3, S, S) image."""
+    return augment(pixels[None])[0]
 
 
 # --- tokens ----------------------------------------------------------------------

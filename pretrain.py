@@ -46,11 +46,11 @@ width = 128                   # SigLIP's vision width = T5's d_model = BERT's wi
 text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
 layers = 2                    # transformer layers per tower (T5: per stack)
 heads = 4
-siglip_epochs = 26            # 2,418 steps: the tiny ViT learns slowly, more steps buy probe AUC (docs/history.md)
+siglip_epochs = 52            # 4,836 steps: the tiny ViT learns slowly, more steps buy probe AUC (docs/history.md)
 siglip_batch_size = 32        # images seen is what counts: batch 64 for half the steps reads the same
 multi_positive = False        # identical reports as each other's matches, not negatives (rare in the phantom set)
 siglip_lr = 1e-3
-augment = True                # SigLIP's images through data.train_transform, as CheXQuery's training sees them
+augment = True                # SigLIP's images through data.augment, as CheXQuery's training sees them
 t5_epochs = 6
 t5_lr = 2e-3
 bert_epochs = 4
@@ -158,17 +158,21 @@ def new_siglip(config):
 
 
 def siglip_texts(tok, reports, text_len):
-    """(N, text_len) ids: each report, </s>, then padding to one fixed length, since SigLIP's
-    text tower pools its last position. text_inputs masks the padding out as keys, so that
-    last position reads the report's own tokens; unmasked, as SigLIP was trained, it reads
-    mostly padding, and the reports' pooled vectors start nearly alike (cosine 0.93 between
-    reports here, 0.67 masked)."""
-    ids = [(w + [tok.eos_token_id])[:text_len] for w in tok(reports)['input_ids']]
-    return torch.tensor([w + [tok.pad_token_id] * (text_len - len(w)) for w in ids])
+    """(N, text_len) ids: each report and </s>, padded on the left to one fixed length, since
+    SigLIP's text tower pools its last position: that is then the report's own </s>."""
+    ids = [w[:text_len - 1] + [tok.eos_token_id] for w in tok(reports)['input_ids']]  # a cut report keeps its </s>
+    return torch.tensor([[tok.pad_token_id] * (text_len - len(w)) + w for w in ids])
 
 
 def text_inputs(texts, pad_id=0):
-    return dict(input_ids=texts, attention_mask=(texts != pad_id).long())
+    """SigLIP's text inputs for left-padded texts: cut to the batch's longest report (78 tokens in a
+    batch of 32 here, not 105), padding masked out as keys, positions counted from each report's
+    first token, so a report reads the same in any batch. Unmasked, as SigLIP was trained, the
+    pooled vectors of the reports start nearly alike (cosine 0.93 between reports here, 0.67 masked)."""
+    mask = texts != pad_id
+    first = int(mask.any(0).long().argmax())                          # the longest report's first column
+    mask, texts = mask[:, first:], texts[:, first:]
+    return dict(input_ids=texts, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
 
 
 def siglip_targets(texts):
@@ -189,32 +193,32 @@ def stack(images, transform):
 
 
 @torch.no_grad()
-def image_features(vision, images, transform, batch_size=100):
-    """SigLIP's image features (N, 2D): the global token beside the mean of the patch tokens, as
-    CheXQuery reads both (the gate the one, the queries the others). The global token alone
-    carries less: a probe read 0.785 from it and 0.817 from both (docs/history.md)."""
+def image_features(vision, pixels, batch_size=100):
+    """SigLIP's image features (N, 2D) of (N, 3, S, S) pixels: the global token beside the mean of
+    the patch tokens, as CheXQuery reads both (the gate the one, the queries the others). The
+    global token alone carries less: a probe read 0.785 from it and 0.817 from both (docs/history.md)."""
     features = []
-    for i in range(0, len(images), batch_size):
-        out = vision(pixel_values=stack(images[i:i + batch_size], transform))
+    for i in range(0, len(pixels), batch_size):
+        out = vision(pixel_values=pixels[i:i + batch_size])
         features.append(torch.cat([out.pooler_output, out.last_hidden_state.mean(1)], -1))  # (B, 2D)
     return torch.cat(features)
 
 
 @torch.no_grad()
-def retrieval(model, images, texts, transform):
+def retrieval(model, pixels, texts):
     """Image-to-report retrieval: the share of images whose own report scores highest (top-1)
     and is among the best five (top-5), over all the split's reports."""
-    image = F.normalize(model.get_image_features(pixel_values=stack(images, transform)).pooler_output, dim=-1)
+    image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     text = F.normalize(model.get_text_features(**text_inputs(texts)).pooler_output, dim=-1)
     best = (image @ text.T).topk(5, dim=1).indices                   # (N, 5)
-    own = best == torch.arange(len(images))[:, None]
+    own = best == torch.arange(len(pixels))[:, None]
     return own[:, 0].float().mean().item(), own.any(1).float().mean().item()
 
 
-def siglip_checks(model, train, val, transform, probe_steps):
+def siglip_checks(model, train, val, probe_steps):
     """(retrieval top-1, top-5, probe mean AUC, per-condition AUCs) of a SigLIP on the val split."""
-    top1, top5 = retrieval(model, val['images'], val['texts'], transform)
-    features = [image_features(model.vision_model, split['images'], transform) for split in (train, val)]
+    top1, top5 = retrieval(model, val['pixels'], val['texts'])
+    features = [image_features(model.vision_model, split['pixels']) for split in (train, val)]
     auc, aucs = probe.linear_probe_auc(features[0], train['labels'], features[1], val['labels'], probe_steps)
     return top1, top5, auc, aucs
 
@@ -224,14 +228,13 @@ def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augmen
     """Trains a new SigLIP on train's image-report pairs (multi_positive: identical reports are
     matches; widen: fit's), prints its checks next to the same checks before training, saves it
     with tok into path; returns (model, results)."""
-    image_size = model.config.vision_config.image_size
-    evaluate = data.eval_transform(image_size)
-    chance = siglip_checks(model, train, val, evaluate, probe_steps)
-    transform = data.train_transform(image_size) if augment else evaluate
+    evaluate = data.eval_transform(model.config.vision_config.image_size)
+    train, val = (dict(split, pixels=stack(split['images'], evaluate)) for split in (train, val))  # (N, 3, S, S)
+    chance = siglip_checks(model, train, val, probe_steps)
     generator = torch.Generator().manual_seed(seed)
 
     def loss(batch):
-        images = stack([train['images'][i] for i in batch], transform)
+        images = data.augment(train['pixels'][batch], generator) if augment else train['pixels'][batch]
         texts = train['texts'][batch]
         if multi_positive:
             return siglip_loss(model(**text_inputs(texts), pixel_values=images).logits_per_text, texts)
@@ -239,7 +242,7 @@ def pretrain_siglip(model, train, val, tok, path, epochs, batch_size, lr, augmen
 
     steps = epochs * (len(train['images']) // batch_size)
     fit(model, loss, shuffled(len(train['images']), batch_size, generator), steps, lr, 'siglip', widen=widen)
-    top1, top5, auc, aucs = siglip_checks(model, train, val, evaluate, probe_steps)
+    top1, top5, auc, aucs = siglip_checks(model, train, val, probe_steps)
     n = len(val['images'])
     print(f"siglip: val image->report retrieval top-1 {top1:.3f}, top-5 {top5:.3f} (chance {1 / n:.3f}, "
           f"{5 / n:.3f}; random init {chance[0]:.3f}, {chance[1]:.3f})")

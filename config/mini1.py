@@ -3,7 +3,7 @@
 phase = 1
 out_dir = 'out-mini1'
 init_from = 'scratch'
-epochs = 3
+epochs = 2
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 30

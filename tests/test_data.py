@@ -63,14 +63,27 @@ def lopsided_image(path, size=96):
 
 def test_train_transform_never_flips(tmp_path):
     t = data.train_transform(64)
-    names = [type(x).__name__ for x in t.transforms]
-    assert names == ['Resize', 'RandomRotation', 'RandomAffine', 'ColorJitter', 'ToTensor', 'Normalize']
     lopsided_image(tmp_path / 'a.png')
     im = data.load_image(str(tmp_path / 'a.png'))
     for s in range(200):
         torch.manual_seed(s)
         x = t(im)
+        assert x.shape == (3, 64, 64)
         assert x[:, :, :24].mean() > x[:, :, -24:].mean() + 1.0  # the bright side stays on the left
+
+
+def test_augment_draws_per_image_and_stays_small(tmp_path):
+    lopsided_image(tmp_path / 'a.png')
+    x = data.eval_transform(64)(data.load_image(str(tmp_path / 'a.png')))
+    batch = x[None].repeat(8, 1, 1, 1)                              # (8, 3, 64, 64): one image 8 times
+    out = data.augment(batch, torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape
+    assert len({tuple(o.flatten()[::97].tolist()) for o in out}) == 8  # each copy its own draw
+    assert torch.equal(out, data.augment(batch, torch.Generator().manual_seed(0)))
+    assert (out - batch).abs().mean() < 0.3                           # a few pixels and percent, not another image
+    edge = lambda image: (image[0, 16:48, 8:56] > 0).float().argmin(-1).float().median()  # where the bright half ends
+    for o in out:  # away from the borders, which a shift blackens; mid-height, where a 5 degree tilt moves it 2 px
+        assert (edge(o) - edge(x)).abs() <= 6
 
 
 def test_eval_transform_is_deterministic_and_normalized(tmp_path):

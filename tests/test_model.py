@@ -233,11 +233,12 @@ def test_condition_queries_from_a_bert_model_are_cached(tmp_path, monkeypatch):
     b = tiny(query_init=str(tmp_path / 'bert')).condition_queries.detach()
     torch.testing.assert_close(a, b)
     # the documented mapping: [CLS] vectors, width 32 -> D = 128 by the seed-0 Gaussian projection,
-    # rescaled to the anatomical queries' Xavier scale
+    # centred on the 14 names' mean, rescaled to the anatomical queries' Xavier scale
     from safetensors.torch import load_file
     cls = load_file(next((tmp_path / 'cache').glob('*.safetensors')))['condition_queries']
     assert cls.shape == (14, 32)
     proj = cls @ (torch.randn(32, 128, generator=torch.Generator().manual_seed(0)) / 128 ** 0.5)
+    proj = proj - proj.mean(0)
     expected = proj / proj.pow(2).mean().sqrt() * (2 / (6 + 128)) ** 0.5
     torch.testing.assert_close(a, expected)
     with pytest.raises(OSError, match="query_init='random'"):

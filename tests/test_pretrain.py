@@ -201,6 +201,22 @@ def test_siglip_loss_without_repeated_reports_is_siglips_own():
     assert pretrain.siglip_loss(out.logits_per_text, texts).item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
+def test_a_report_reads_the_same_in_any_batch_which_costs_its_longest_report(backbones, phantom_dir):
+    path, model = backbones['siglip']
+    tok = data.load_tokenizer(phantom_dir)
+    texts = pretrain.siglip_texts(tok, [r['report'] for r in data.read_split(phantom_dir, 'val')[:6]], 40)
+    lengths = (texts != tok.pad_token_id).sum(1)
+    assert torch.equal(texts[:, -1], torch.full((6,), tok.eos_token_id))   # the pooled last position: </s>
+    shortest = int(lengths.argmin())
+    inputs = pretrain.text_inputs(texts)
+    assert inputs['input_ids'].shape == (6, int(lengths.max()))
+    with torch.no_grad():
+        alone = model.get_text_features(**pretrain.text_inputs(texts[shortest:shortest + 1])).pooler_output
+        batched = model.get_text_features(**inputs).pooler_output[shortest:shortest + 1]
+    assert pretrain.text_inputs(texts[shortest:shortest + 1])['input_ids'].shape[1] == lengths.min()
+    assert torch.allclose(alone, batched, atol=1e-5)
+
+
 def test_no_val_or_test_image_enters_pretraining(phantom_dir, tmp_path):
     import json
     import shutil
@@ -300,7 +316,7 @@ def test_probe_features_are_the_global_token_beside_the_mean_patch_token(backbon
     path, model = backbones['siglip']
     images = [data.load_image(os.path.join(phantom_dir, r['image'])) for r in data.read_split(phantom_dir, 'val')[:3]]
     transform = data.eval_transform(S)
-    features = pretrain.image_features(model.vision_model, images, transform, batch_size=2)   # (3, 2 * WIDTH)
+    features = pretrain.image_features(model.vision_model, pretrain.stack(images, transform), batch_size=2)  # (3, 2W)
     with torch.no_grad():
         out = model.vision_model(pixel_values=pretrain.stack(images, transform))
     assert features.shape == (3, 2 * WIDTH)
