@@ -158,21 +158,26 @@ def new_siglip(config):
 
 
 def siglip_texts(tok, reports, text_len):
-    """(N, text_len) ids: each report and </s>, padded on the left to one fixed length, since
-    SigLIP's text tower pools its last position: that is then the report's own </s>."""
-    ids = [w[:text_len - 1] + [tok.eos_token_id] for w in tok(reports)['input_ids']]  # a cut report keeps its </s>
-    return torch.tensor([[tok.pad_token_id] * (text_len - len(w)) + w for w in ids])
+    """(N, text_len) ids: each report and </s>, padded on the left, then one <pad> at the last
+    position, which SigLIP's text tower pools: one query for every report, reading its tokens."""
+    ids = [w[:text_len - 2] + [tok.eos_token_id] for w in tok(reports)['input_ids']]  # a cut report keeps its </s>
+    pad = tok.pad_token_id
+    return torch.tensor([[pad] * (text_len - 1 - len(w)) + w + [pad] for w in ids])
 
 
 def text_inputs(texts, pad_id=0):
-    """SigLIP's text inputs for left-padded texts: cut to the batch's longest report (78 tokens in a
-    batch of 32 here, not 105), padding masked out as keys, positions counted from each report's
-    first token, so a report reads the same in any batch. Unmasked, as SigLIP was trained, the
-    pooled vectors of the reports start nearly alike (cosine 0.93 between reports here, 0.67 masked)."""
-    mask = texts != pad_id
+    """SigLIP's text inputs for siglip_texts' layout, cut to the batch's longest report: the
+    padding masked out as keys, the report's tokens at positions 0, 1, ... and the pooled <pad>
+    at the last one. So a report reads exactly as padded on the right to full length, in any
+    batch, at the cost of the batch's longest (78 tokens in a batch of 32 here, not 106).
+    Unmasked, as SigLIP was trained, the pooled position reads mostly padding, and the reports'
+    pooled vectors start nearly alike (cosine 0.93 between reports here, 0.67 masked). Pooling
+    each report's own </s> instead, at its own position, halved val retrieval (docs/history.md)."""
+    mask = texts != pad_id                                            # (B, T): the reports' own tokens
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    positions[:, -1] = texts.shape[1] - 1                             # the pooled <pad>, where full length puts it
     first = int(mask.any(0).long().argmax())                          # the longest report's first column
-    mask, texts = mask[:, first:], texts[:, first:]
-    return dict(input_ids=texts, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    return dict(input_ids=texts[:, first:], attention_mask=mask[:, first:].long(), position_ids=positions[:, first:])
 
 
 def siglip_targets(texts):
@@ -477,7 +482,7 @@ def run(name, path, data_dir, settings, widen=None):
         return time.time() - t0, time.process_time() - cpu0
     if name == 'siglip':
         tok = data.load_tokenizer(data_dir)
-        text_len = max(len(w) for w in tok(train_reports)['input_ids']) + 1
+        text_len = max(len(w) for w in tok(train_reports)['input_ids']) + 2  # </s> and the pooled <pad>
         model = new_siglip(siglip_config(len(tok), text_len, c['width'], c['text_width'], c['layers'], c['heads'],
                                          c['image_size'], c['patch_size']))
         check_unseen(data_dir)
