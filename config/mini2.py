@@ -2,7 +2,8 @@
 # and the T5 decoder (q, k, v, o), label smoothing 0.1, from phase 1's best checkpoint, which also
 # brings the backbones and image size. Most of the learning happens here: 6 epochs at 2e-3 took
 # val generation loss from 1.02 to 0.54 (4 at 1e-3: 0.65);
-# 4 here, so that the 15 minutes hold SigLIP's longer pretraining (docs/history.md).
+# 4 here (and phases 1 and 3 of 2 and 1), so that the 15 minutes hold SigLIP's longer pretraining
+# (docs/history.md).
 phase = 2
 out_dir = 'out-mini2'
 init_from = 'out-mini1/ckpt.safetensors'

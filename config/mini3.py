@@ -4,7 +4,7 @@
 phase = 3
 out_dir = 'out-mini3'
 init_from = 'out-mini2/ckpt.safetensors'
-epochs = 2
+epochs = 1
 learning_rate = 5e-4
 min_lr = 5e-5
 warmup_iters = 20

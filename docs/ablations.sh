@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ablations (the README's table; the one of 2026-12-01 is in docs/history.md), 3 seeds each, on a
-# short schedule (phases of 1, 3 and 1 epochs instead of 2, 4 and 2: 465 steps instead of 744), each
+# short schedule (phases of 1, 3 and 1 epochs instead of 2, 4 and 1: 465 steps instead of 651), each
 # run one call of mini.sh into out-abl/NAME-SEED; then eval.py --seeds combines them:
 #
 #   bash docs/ablations.sh               # every run, two at a time, one thread each
