@@ -198,8 +198,8 @@ def augment(pixels, generator=None):
     """The methodology's augmentations on normalized (B, 3, S, S) pixels, drawn per image: rotation
     up to 5 degrees, shift up to 3%, scale 0.97-1.03 (nearest pixel, black outside, as torchvision
     does), then brightness and contrast 0.95-1.05. No horizontal flip, ever (it would put the heart on
-    the wrong side and make 'left'/'right' in reports wrong). A whole batch at once: pretrain.py's
-    SigLIP augments its in-memory images at 4x the speed of PIL one by one."""
+    the wrong side and make 'left'/'right' in reports wrong). A whole batch at once, as pretrain.py's
+    SigLIP augments its in-memory images, or one image (augment_one) in the DataLoader's workers."""
     import math
     import torch.nn.functional as F
     B = pixels.shape[0]
