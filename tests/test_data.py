@@ -86,6 +86,27 @@ def test_augment_draws_per_image_and_stays_small(tmp_path):
         assert (edge(o) - edge(x)).abs() <= 6
 
 
+def test_augment_fills_black_and_moves_and_recolours_a_few_percent():
+    S = 64
+    plain = torch.full((64, 3, S, S), 0.5)                             # [0, 1] pixels: one grey value
+    square = torch.zeros(64, 3, S, S)
+    square[..., 24:40, 24:40] = 1.0                                    # a white square on black, centred
+    normalize = lambda x: (x - 0.5) / 0.5                              # data.MEAN = data.STD = 0.5
+    g = torch.Generator().manual_seed(0)
+    grey, moved = (data.augment(normalize(x), g) * 0.5 + 0.5 for x in (plain, square))  # back to [0, 1]
+    inside = grey[..., 16:48, 16:48]                                   # never reached by the border
+    assert inside.min() > 0.5 * 0.95 * 0.95 - 1e-4 and inside.max() < 0.5 * 1.05 * 1.05 + 1e-4
+    assert inside.mean((1, 2, 3)).std() > 0.005                        # each image its own brightness
+    border = grey[grey < 0.4]                                          # what rotation and shift uncover
+    assert border.numel() > 0 and border.max() < 0.05                  # black (then jittered), not grey
+    coords = torch.arange(S, dtype=torch.float32)
+    mass = moved[:, 0]
+    centre_x = (mass.sum(1) * coords).sum(-1) / mass.sum((1, 2)) - 31.5   # the square's centre, from the image's
+    centre_y = (mass.sum(2) * coords).sum(-1) / mass.sum((1, 2)) - 31.5
+    shift = torch.stack([centre_x, centre_y]).abs()
+    assert shift.max() <= 0.03 * S * 1.05 + 0.5 and shift.max() > 0.015 * S  # up to 3% of the side, and it moves
+
+
 def test_eval_transform_is_deterministic_and_normalized(tmp_path):
     lopsided_image(tmp_path / 'a.png')
     im = data.load_image(str(tmp_path / 'a.png'))

@@ -201,23 +201,28 @@ def test_siglip_loss_without_repeated_reports_is_siglips_own():
     assert pretrain.siglip_loss(out.logits_per_text, texts).item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
-def test_a_report_reads_as_padded_to_full_length_in_any_batch_at_the_cost_of_its_longest(backbones, phantom_dir):
-    path, model = backbones['siglip']
+def test_a_report_reads_as_padded_to_full_length_in_any_batch_at_the_cost_of_its_longest(phantom_dir):
     tok = data.load_tokenizer(phantom_dir)
-    texts = pretrain.siglip_texts(tok, [r['report'] for r in data.read_split(phantom_dir, 'val')[:6]], 40)
-    reports = [row[row != tok.pad_token_id].tolist() for row in texts]  # each report and its </s>
-    assert all(r[-1] == tok.eos_token_id for r in reports)
-    right = torch.tensor([r + [tok.pad_token_id] * (40 - len(r)) for r in reports])  # SigLIP's own layout
-    inputs = pretrain.text_inputs(texts)
-    assert inputs['input_ids'].shape == (6, max(map(len, reports)) + 1)  # the longest, then the pooled <pad>
-    shortest = min(range(6), key=lambda i: len(reports[i]))
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    ids = tok([r['report'] for r in data.read_split(phantom_dir, 'val')[:6]])['input_ids']
+    text_len = max(map(len, ids)) + 2                                  # as pretrain.py sets it: </s> and the pooled <pad>
+    torch.manual_seed(0)
+    model = pretrain.new_siglip(pretrain.siglip_config(len(tok), text_len, WIDTH, 16, layers=1, heads=2, image_size=S))
+    texts = pretrain.siglip_texts(tok, [r['report'] for r in data.read_split(phantom_dir, 'val')[:6]], text_len)
+    assert [row[row != pad].tolist() for row in texts] == [w + [eos] for w in ids] and (texts[:, -1] == pad).all()
+    assert (texts[:, 0] == pad).sum() == 5                             # all but the longest padded on the left
+    right = torch.tensor([w + [eos] + [pad] * (text_len - len(w) - 1) for w in ids])  # SigLIP's own layout
+    shortest = min(range(6), key=lambda i: len(ids[i]))
+    alone_inputs = pretrain.text_inputs(texts[shortest:shortest + 1])
+    assert alone_inputs['input_ids'].shape == (1, len(ids[shortest]) + 2)  # its tokens, </s>, the pooled <pad>
     with torch.no_grad():
-        full = model.get_text_features(input_ids=right, attention_mask=(right != tok.pad_token_id).long()).pooler_output
-        batched = model.get_text_features(**inputs).pooler_output
-        alone = model.get_text_features(**pretrain.text_inputs(texts[shortest:shortest + 1])).pooler_output
+        full = model.get_text_features(input_ids=right, attention_mask=(right != pad).long()).pooler_output
+        batched = model.get_text_features(**pretrain.text_inputs(texts)).pooler_output
+        alone = model.get_text_features(**alone_inputs).pooler_output
     torch.testing.assert_close(batched, full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(alone[0], full[shortest], atol=1e-5, rtol=1e-4)
-    assert pretrain.text_inputs(texts[shortest:shortest + 1])['input_ids'].shape[1] == len(reports[shortest]) + 1
+    cut = pretrain.siglip_texts(tok, ['Findings: The heart is normal in size. The lungs are clear.'], 6)
+    assert cut[0, -2:].tolist() == [eos, pad] and (cut != pad).sum() == 5  # a cut report keeps its </s>
 
 
 def test_no_val_or_test_image_enters_pretraining(phantom_dir, tmp_path):
