@@ -169,7 +169,7 @@ def text_inputs(texts, pad_id=0):
     """SigLIP's text inputs for siglip_texts' layout, cut to the batch's longest report: the
     padding masked out as keys, the report's tokens at positions 0, 1, ... and the pooled <pad>
     at the last one. So a report reads exactly as padded on the right to full length, in any
-    batch, at the cost of the batch's longest (78 tokens in a batch of 32 here, not 106).
+    batch, at the cost of the batch's longest (79 tokens in a batch of 32 here, not 106).
     Unmasked, as SigLIP was trained, the pooled position reads mostly padding, and the reports'
     pooled vectors start nearly alike (cosine 0.93 between reports here, 0.67 masked). Pooling
     each report's own </s> instead, at its own position, halved val retrieval (docs/history.md)."""
