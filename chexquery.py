@@ -65,6 +65,7 @@ class CheXQueryConfig:
     text_lora_r: int = 16
     text_lora_alpha: float = 32
     text_lora_dropout: float = 0.05
+    text_dropout: float = None    # T5's own dropout_rate; None: its config's (Flan-T5: 0.1)
     text_lora_targets: tuple = ('q', 'k', 'v', 'o')
 
     def __post_init__(self):
@@ -87,10 +88,10 @@ class CheXQueryConfig:
         return self.n_condition_queries + self.n_anatomical_queries
 
 
-def _from_pretrained(cls, name, what, config_key):
-    """Loads a Hugging Face model, turning an offline failure into advice."""
+def _from_pretrained(cls, name, what, config_key, **overrides):
+    """Loads a Hugging Face model (overrides: its config's settings), turning an offline failure into advice."""
     try:
-        return cls.from_pretrained(name)
+        return cls.from_pretrained(name, **overrides)
     except (OSError, ValueError) as e:
         raise OSError(
             f"Could not load the {what} '{name}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
@@ -261,14 +262,15 @@ class AuxHead(nn.Module):
 
 def build_decoder(cfg):
     from transformers import T5Config, T5ForConditionalGeneration
+    overrides = {} if cfg.text_dropout is None else dict(dropout_rate=cfg.text_dropout)
     if cfg.text_config is not None:
-        t5 = T5ForConditionalGeneration(T5Config(**cfg.text_config))
+        t5 = T5ForConditionalGeneration(T5Config(**{**cfg.text_config, **overrides}))
         # A T5 built from a config always shares lm_head with the embedding. Flan-T5
         # is untied, so give lm_head its own weight, scaled so first logits are O(1).
         t5.lm_head.weight = nn.Parameter(torch.randn_like(t5.shared.weight) * t5.config.d_model ** -0.5)
     else:
         # from_pretrained keeps Flan-T5's separate lm_head (it sees both tensors in the file)
-        t5 = _from_pretrained(T5ForConditionalGeneration, cfg.text_model, 'decoder', 'text_model')
+        t5 = _from_pretrained(T5ForConditionalGeneration, cfg.text_model, 'decoder', 'text_model', **overrides)
     # The visual tokens replace the encoder's output, so the encoder is never run.
     del t5.encoder
     lora.inject_lora(t5.decoder, cfg.text_lora_targets, cfg.text_lora_r,

@@ -10,6 +10,7 @@ nothing changed; and what a checkpoint to start from decides.
     check_resumable(meta, config, world_size)            # a resume continues the same run
 """
 import os
+from dataclasses import replace
 
 from chexquery import ANATOMICAL_PRIORS, CheXQueryConfig, tiny_config
 
@@ -37,6 +38,9 @@ def check_settings(c, world_size):
     for key in ('context_dropout', 'own_diagnosis'):
         if not 0 <= c[key] <= 1:
             raise ValueError(f"{key} is a share of the training samples, in [0, 1], got {c[key]}")
+    if c['dropout'] is not None and (isinstance(c['dropout'], bool) or not isinstance(c['dropout'], (int, float))
+                                     or not 0 <= c['dropout'] < 1):
+        raise ValueError(f"dropout must be a rate in [0, 1), or None for the model's own, got {c['dropout']!r}")
     if c['lambda_gen'] == c['lambda_aux'] == 0:
         raise ValueError("lambda_gen and lambda_aux are both 0: there would be no loss to train on")
     if c['model_size'] not in ('base', 'tiny'):
@@ -96,6 +100,15 @@ def model_config(c, vocab_size, atlas):
         return tiny_config(vocab_size=vocab_size, image_size=c['image_size'], **variant)
     return CheXQueryConfig(vision_model=c['vision_model'], text_model=c['text_model'], image_size=c['image_size'],
                            query_init=c['query_init'], **variant)
+
+
+def with_dropout(model_config, rate):
+    """model_config with every dropout of the model at `rate`: the new modules', the aux head's,
+    both LoRAs' and T5's own (None: unchanged). Dropout shapes no weight, so a phase may change it."""
+    if rate is None:
+        return model_config
+    return replace(model_config, dropout=rate, aux_dropout=rate, vision_lora_dropout=rate, text_lora_dropout=rate,
+                   text_dropout=rate)
 
 
 def check_resumable(meta, config, world_size, path):

@@ -66,6 +66,7 @@ anatomical_prior = 'none'     # the anatomical queries' cross-attention: 'none',
 anatomical_atlas = ''         # a JSON file {region: [x0, y0, x1, y1]} (image fractions); '': chexpert.ATLAS (phantom)
 image_size = 384
 full_backbones = False        # train whole backbones, not just LoRA: only for random ones (phantom)
+dropout = None                # every dropout in the model at this rate (0: none); None: as built (T5's 0.1, ...)
 # optimization
 phase = 1
 epochs = 5
@@ -195,10 +196,9 @@ def batches(epoch, start=0):
 
 
 # model -----------------------------------------------------------------------------
-if init_meta is None:
-    model_cfg = startup.model_config(config, len(tok), atlas)
+model_cfg = startup.model_config(config, len(tok), atlas) if init_meta is None else model_cfg
 torch.manual_seed(seed + rank)  # the model's initialization and dropout draw from here; nothing else does
-model = CheXQuery(model_cfg)
+model = CheXQuery(startup.with_dropout(model_cfg, dropout))
 # a token id past the embedding's rows would fail deep inside torch.embedding
 data.check_tokenizer(tok, model.t5.config, init_path if init_meta else 'the decoder',
                      init_meta.get('tokenizer') if init_meta else None)

@@ -192,7 +192,8 @@ def test_overwrite_replaces_the_checkpoints_and_starts_metrics_afresh(phantom_di
                                      'log_interval=0', 'max_iters=-1', 'epochs=0', 'eval_iters=-1',
                                      'num_workers=-1', 'max_len=0', 'max_bad_steps=0', 'learning_rate=0.0',
                                      'warmup_iters=-5', 'grad_clip=-1.0', 'label_smoothing=1.0', 'beta2=1.0',
-                                     'own_diagnosis=1.5', 'context_dropout=-0.1'])
+                                     'own_diagnosis=1.5', 'context_dropout=-0.1', 'dropout=1.0',
+                                     "dropout='half'"])
 def test_zero_and_negative_settings_are_errors_naming_the_setting(phantom_dir, tmp_path, setting):
     key, value = setting.split('=')
     with pytest.raises(ValueError, match=key):

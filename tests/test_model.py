@@ -212,6 +212,29 @@ def test_pretrained_backbones_from_local_dirs_keep_lm_head_untied(tmp_path):
     assert 'condition_queries' in keys
 
 
+def test_dropout_zero_turns_off_every_dropout_and_none_keeps_the_models(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+    from startup import with_dropout
+    images, ids, labels, cond = batch()
+
+    def two_training_passes(cfg):
+        torch.manual_seed(0)
+        model = CheXQuery(cfg).set_phase(2)  # LoRA on both backbones trains: every dropout is active
+        model.train()
+        first, second = (model(images, ids, labels, cond) for _ in range(2))
+        return model, [torch.equal(first[k], second[k]) for k in ('logits', 'cond_logits')]
+
+    assert two_training_passes(tiny_config(vocab_size=V, image_size=S))[1] == [False, False]
+    model, same = two_training_passes(with_dropout(tiny_config(vocab_size=V, image_size=S), 0))
+    assert same == [True, True] and model.t5.config.dropout_rate == 0
+    assert model.training and model.t5.training
+    # a pretrained T5 directory keeps its own rate unless one is given
+    T5ForConditionalGeneration(T5Config(**dict(TINY_TEXT, vocab_size=V))).save_pretrained(tmp_path / 't')
+    cfg = tiny_config(vocab_size=V, image_size=S, text_config=None, text_model=str(tmp_path / 't'))
+    assert CheXQuery(cfg).t5.config.dropout_rate == TINY_TEXT['dropout_rate'] == 0.1
+    assert CheXQuery(with_dropout(cfg, 0.3)).t5.config.dropout_rate == 0.3
+
+
 def tiny_bert(path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
     path.mkdir()
