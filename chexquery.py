@@ -37,6 +37,7 @@ class CheXQueryConfig:
     text_model: str = 'google/flan-t5-base'
     vision_config: dict = None
     text_config: dict = None
+    text_dropout: float = None    # T5's own dropout_rate; None: its config's (Flan-T5: 0.1)
     image_size: int = 384
     # queries and cross-attention
     n_condition_queries: int = 14
@@ -65,7 +66,6 @@ class CheXQueryConfig:
     text_lora_r: int = 16
     text_lora_alpha: float = 32
     text_lora_dropout: float = 0.05
-    text_dropout: float = None    # T5's own dropout_rate; None: its config's (Flan-T5: 0.1)
     text_lora_targets: tuple = ('q', 'k', 'v', 'o')
 
     def __post_init__(self):

@@ -38,9 +38,9 @@ def check_settings(c, world_size):
     for key in ('context_dropout', 'own_diagnosis'):
         if not 0 <= c[key] <= 1:
             raise ValueError(f"{key} is a share of the training samples, in [0, 1], got {c[key]}")
-    if c['dropout'] is not None and (isinstance(c['dropout'], bool) or not isinstance(c['dropout'], (int, float))
-                                     or not 0 <= c['dropout'] < 1):
-        raise ValueError(f"dropout must be a rate in [0, 1), or None for the model's own, got {c['dropout']!r}")
+    rate = c['dropout']
+    if rate is not None and (type(rate) not in (int, float) or not 0 <= rate < 1):  # type(): not a bool
+        raise ValueError(f"dropout must be a rate in [0, 1), or None for the model's own, got {rate!r}")
     if c['lambda_gen'] == c['lambda_aux'] == 0:
         raise ValueError("lambda_gen and lambda_aux are both 0: there would be no loss to train on")
     if c['model_size'] not in ('base', 'tiny'):
@@ -103,8 +103,9 @@ def model_config(c, vocab_size, atlas):
 
 
 def with_dropout(model_config, rate):
-    """model_config with every dropout of the model at `rate`: the new modules', the aux head's,
-    both LoRAs' and T5's own (None: unchanged). Dropout shapes no weight, so a phase may change it."""
+    """model_config with every dropout the model has at `rate`: the new modules', the aux head's,
+    both LoRAs' and T5's own (SigLIP has none). None: unchanged, which for a model from an earlier
+    phase's checkpoint means that phase's rates. Dropout shapes no weight, so a phase may change it."""
     if rate is None:
         return model_config
     return replace(model_config, dropout=rate, aux_dropout=rate, vision_lora_dropout=rate, text_lora_dropout=rate,
@@ -116,8 +117,10 @@ def check_resumable(meta, config, world_size, path):
     raises ValueError naming each setting that differs from the checkpoint's."""
     was = dict(meta['config'], world_size=meta.get('world_size'), aux=meta['config'].get('lambda_aux', 0) > 0)
     now = dict(config, world_size=world_size, aux=config['lambda_aux'] > 0)
-    differ = [f"{k}={was.get(k)!r} there, {now[k]!r} here" for k in ('phase', 'full_backbones', 'aux', 'batch_size',
-                                                                    'seed', 'world_size') if was.get(k) != now[k]]
+    keys = ('phase', 'full_backbones', 'aux', 'batch_size', 'seed', 'world_size', 'dropout')
+    # dropout None keeps the checkpoint's rates: only a different rate given here changes the run
+    differ = [f"{k}={was.get(k)!r} there, {now[k]!r} here" for k in keys
+              if was.get(k) != now[k] and not (k == 'dropout' and now[k] is None)]
     if differ:
         raise ValueError(f"cannot resume {path} exactly: {'; '.join(differ)}. Resume with its settings "
                          f"(world_size is the number of processes), or start a new run from its weights with "

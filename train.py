@@ -66,7 +66,7 @@ anatomical_prior = 'none'     # the anatomical queries' cross-attention: 'none',
 anatomical_atlas = ''         # a JSON file {region: [x0, y0, x1, y1]} (image fractions); '': chexpert.ATLAS (phantom)
 image_size = 384
 full_backbones = False        # train whole backbones, not just LoRA: only for random ones (phantom)
-dropout = None                # every dropout in the model at this rate (0: none); None: as built (T5's 0.1, ...)
+dropout = None                # every dropout in the model at this rate (0: none); None: init_from's, else T5's 0.1, ...
 # optimization
 phase = 1
 epochs = 5
@@ -196,7 +196,8 @@ def batches(epoch, start=0):
 
 
 # model -----------------------------------------------------------------------------
-model_cfg = startup.model_config(config, len(tok), atlas) if init_meta is None else model_cfg
+if init_meta is None:
+    model_cfg = startup.model_config(config, len(tok), atlas)
 torch.manual_seed(seed + rank)  # the model's initialization and dropout draw from here; nothing else does
 model = CheXQuery(startup.with_dropout(model_cfg, dropout))
 # a token id past the embedding's rows would fail deep inside torch.embedding
@@ -217,8 +218,7 @@ log(f"{len(train_set)} train / {len(val_set)} val samples; effective batch {batc
     f"{world_size} processes = {batch_size * accum * world_size}; {iters_per_epoch} iterations per epoch, "
     f"{max_iters} in all; {device}, {dtype}")
 
-# optimizer: weight decay on weight matrices (LoRA A/B included), none on biases,
-# norms and the query vectors, whose BioBERT start decay would pull toward zero
+# optimizer: weight decay on weight matrices (LoRA's too), none on biases, norms or queries (their BioBERT start)
 params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 decay = [p for n, p in params if p.dim() >= 2 and 'queries' not in n]
 no_decay = [p for n, p in params if not (p.dim() >= 2 and 'queries' not in n)]

@@ -204,7 +204,7 @@ def test_zero_and_negative_settings_are_errors_naming_the_setting(phantom_dir, t
 def test_resume_with_settings_that_change_the_run_is_an_error(phantom_dir, tmp_path):
     out = str(tmp_path / 'out')
     assert train_in_process(phantom_dir, out, **QUICK)[0] == 0
-    for change in (dict(batch_size=4), dict(phase=1), dict(seed=1)):
+    for change in (dict(batch_size=4), dict(phase=1), dict(seed=1), dict(dropout=0.2)):
         with pytest.raises(ValueError, match=f"{next(iter(change))}=.*--init_from="):
             train_in_process(phantom_dir, out, init_from='resume', **dict(QUICK, **change))
 

@@ -214,12 +214,15 @@ def test_pretrained_backbones_from_local_dirs_keep_lm_head_untied(tmp_path):
 
 def test_dropout_zero_turns_off_every_dropout_and_none_keeps_the_models(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
+    from lora import lora_layers
     from startup import with_dropout
     images, ids, labels, cond = batch()
 
     def two_training_passes(cfg):
         torch.manual_seed(0)
         model = CheXQuery(cfg).set_phase(2)  # LoRA on both backbones trains: every dropout is active
+        for layer in lora_layers(model):  # B starts at 0, which would hide the LoRA dropouts
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
         model.train()
         first, second = (model(images, ids, labels, cond) for _ in range(2))
         return model, [torch.equal(first[k], second[k]) for k in ('logits', 'cond_logits')]
@@ -229,9 +232,10 @@ def test_dropout_zero_turns_off_every_dropout_and_none_keeps_the_models(tmp_path
     assert same == [True, True] and model.t5.config.dropout_rate == 0
     assert model.training and model.t5.training
     # a pretrained T5 directory keeps its own rate unless one is given
-    T5ForConditionalGeneration(T5Config(**dict(TINY_TEXT, vocab_size=V))).save_pretrained(tmp_path / 't')
+    saved = T5ForConditionalGeneration(T5Config(**dict(TINY_TEXT, vocab_size=V, dropout_rate=0.25)))
+    saved.save_pretrained(tmp_path / 't')
     cfg = tiny_config(vocab_size=V, image_size=S, text_config=None, text_model=str(tmp_path / 't'))
-    assert CheXQuery(cfg).t5.config.dropout_rate == TINY_TEXT['dropout_rate'] == 0.1
+    assert CheXQuery(cfg).t5.config.dropout_rate == 0.25
     assert CheXQuery(with_dropout(cfg, 0.3)).t5.config.dropout_rate == 0.3
 
 

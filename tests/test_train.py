@@ -81,6 +81,17 @@ def test_phases_chain_through_checkpoints_with_the_right_parameters_training(pha
     assert changed(c2, c3, 'condition_queries')[0] and changed(c2, c3, 'cross_attention.')[0]
 
 
+def test_dropout_reaches_the_checkpoint_and_the_next_phase_keeps_it(phantom_dir, tmp_path):
+    common = dict(max_iters=1, full_backbones=False, sample_reports=0, eval_iters=1)
+    o1, o2 = str(tmp_path / 'p1'), str(tmp_path / 'p2')
+    train(phantom_dir, o1, phase=1, dropout=0, **common)
+    train(phantom_dir, o2, phase=2, init_from=f'{o1}/ckpt.safetensors', **common)  # no --dropout: phase 1's
+    model, _ = load_checkpoint(o2)
+    assert model.t5.config.dropout_rate == 0
+    assert all(not isinstance(m, torch.nn.Dropout) or m.p == 0 for m in model.modules())
+    assert all(getattr(m, 'dropout', 0) == 0 for m in model.modules() if isinstance(getattr(m, 'dropout', 0), float))
+
+
 def test_ctrl_c_then_resume_repeats_the_uninterrupted_run_bit_for_bit(phantom_dir, tmp_path, monkeypatch):
     """The three parts load with 0, 1 and 2 workers: neither the workers nor the Ctrl-C change a loss."""
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
