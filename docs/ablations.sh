@@ -21,10 +21,11 @@ declare -A RUNS=(
   [findings]='--target=findings'
   [no-finding-weight]='--finding_weight=1'
   [diagnosis]='--diagnosis_prompt=True --own_diagnosis=0'
+  [no-dropout]='--dropout=0'
 )
 # the rows about the parts first, in order, a row's seeds together
 ORDER=(full no-aux random-queries gate no-anatomical no-phase1 no-finding-weight diagnosis context
-       prior-soft prior-strict findings)
+       prior-soft prior-strict findings no-dropout)
 names=("${@:-${ORDER[@]}}")
 python pretrain.py > /dev/null
 
