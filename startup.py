@@ -116,11 +116,10 @@ def check_resumable(meta, config, world_size, path):
     """The data position and the optimizer's state mean something only for the same run:
     raises ValueError naming each setting that differs from the checkpoint's."""
     was = dict(meta['config'], world_size=meta.get('world_size'), aux=meta['config'].get('lambda_aux', 0) > 0)
-    now = dict(config, world_size=world_size, aux=config['lambda_aux'] > 0)
+    now = dict(config, world_size=world_size, aux=config['lambda_aux'] > 0,
+               dropout=was.get('dropout') if config['dropout'] is None else config['dropout'])  # None: the checkpoint's
     keys = ('phase', 'full_backbones', 'aux', 'batch_size', 'seed', 'world_size', 'dropout')
-    # dropout None keeps the checkpoint's rates: only a different rate given here changes the run
-    differ = [f"{k}={was.get(k)!r} there, {now[k]!r} here" for k in keys
-              if was.get(k) != now[k] and not (k == 'dropout' and now[k] is None)]
+    differ = [f"{k}={was.get(k)!r} there, {now[k]!r} here" for k in keys if was.get(k) != now[k]]
     if differ:
         raise ValueError(f"cannot resume {path} exactly: {'; '.join(differ)}. Resume with its settings "
                          f"(world_size is the number of processes), or start a new run from its weights with "

@@ -204,11 +204,12 @@ def test_siglip_loss_without_repeated_reports_is_siglips_own():
 def test_a_report_reads_as_padded_to_full_length_in_any_batch_at_the_cost_of_its_longest(phantom_dir):
     tok = data.load_tokenizer(phantom_dir)
     pad, eos = tok.pad_token_id, tok.eos_token_id
-    ids = tok([r['report'] for r in data.read_split(phantom_dir, 'val')[:6]])['input_ids']
+    reports = [r['report'] for r in data.read_split(phantom_dir, 'val')[:6]]
+    ids = tok(reports)['input_ids']
     text_len = max(map(len, ids)) + 2                                  # as pretrain.py sets it: </s> and the pooled <pad>
     torch.manual_seed(0)
     model = pretrain.new_siglip(pretrain.siglip_config(len(tok), text_len, WIDTH, 16, layers=1, heads=2, image_size=S))
-    texts = pretrain.siglip_texts(tok, [r['report'] for r in data.read_split(phantom_dir, 'val')[:6]], text_len)
+    texts = pretrain.siglip_texts(tok, reports, text_len)
     assert [row[row != pad].tolist() for row in texts] == [w + [eos] for w in ids] and (texts[:, -1] == pad).all()
     assert (texts[:, 0] == pad).sum() == 5                             # all but the longest padded on the left
     right = torch.tensor([w + [eos] + [pad] * (text_len - len(w) - 1) for w in ids])  # SigLIP's own layout
