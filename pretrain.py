@@ -22,7 +22,8 @@ per condition beside what a small CNN trained on the labels themselves reaches (
 from --ceiling, else the one measured on the default phantom set, docs/ceiling.json).
 SigLIP pairs each image with its report and no label (multi_positive: identical reports count as matches).
 A backbone whose directory already exists is skipped. SigLIP trains here while T5, then
-BERT, train in a second process, each on one core; then SigLIP trains on every core.
+BERT, train in a second process, each on one core; then SigLIP trains on every core, from a
+fixed share of its steps on, so that a tower depends on its settings and core count, not on timing.
 """
 import math
 import os
@@ -64,6 +65,7 @@ seed = 1337
 N_SENTINELS = 100             # T5's <extra_id_0> ... <extra_id_99>
 PROBE_FILE = 'probe.json'     # in the SigLIP directory: its linear probe's val AUCs, for the table against the ceiling
 CEILING_FILE = 'ceiling.json' # in out_dir: the supervised CNN's val AUCs (probe.py), trained only when asked
+SIGLIP_WIDENS_AT = 0.3        # of SigLIP's steps, on one core, when T5 and BERT end on the other (2 Intel Xeon vCPUs)
 # The ceiling measured once on the default phantom set (recipe, machine and data inside), printed when out_dir has
 # none of its own: it takes some 10 CPU minutes, more than the miniature's budget.
 REFERENCE_CEILING = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'docs', 'ceiling.json')
@@ -72,7 +74,8 @@ REFERENCE_CEILING = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'do
 def fit(model, loss_fn, batches, steps, lr, name, weight_decay=0.01, warmup=0.05, widen=None):
     """Trains model on loss_fn(next(batches)) for `steps` steps: AdamW, linear warmup, then
     cosine decay to lr/10, no weight decay on biases, norms and SigLIP's scale and bias.
-    widen, asked before each step, returns a thread count to train on from then on (0: not yet).
+    widen, asked before each step with the share of steps done, returns a thread count to train on
+    from then on (0: not yet).
     Prints the loss ten times."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
@@ -89,7 +92,7 @@ def fit(model, loss_fn, batches, steps, lr, name, weight_decay=0.01, warmup=0.05
     model.train()
     t0, log_every = time.time(), max(1, steps // 10)
     for step in range(steps):
-        if widen is not None and (threads := widen()):
+        if widen is not None and (threads := widen(step / steps)):
             torch.set_num_threads(threads)  # here, in the thread that trains: OpenMP's count is per thread
             widen = None
         loss = loss_fn(next(batches))
@@ -467,7 +470,7 @@ def pretrain_bert(model, tok, train_reports, val_reports, path, epochs, batch_si
 def run(name, path, data_dir, settings, widen=None):
     """Builds, trains and saves one backbone (settings: the script's config); returns its wall
     and CPU seconds. On one thread while the other core trains the other backbones; SigLIP
-    takes torch's threads once T5 and BERT are done (fit's widen): 1.75x faster steps on two."""
+    then takes torch's threads (fit's widen, siglip_threads): 1.75x faster steps on two."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
@@ -511,12 +514,20 @@ def phantom_identity(data_dir):
     return dict(generator_version=manifest.get('generator_version'), params=manifest.get('params'))
 
 
-def all_done(jobs):
-    """Whether every job (a Future) is done; a failed one raises its error at once, not after SigLIP."""
-    for job in jobs:
-        if job.done() and job.exception() is not None:
-            raise job.exception()
-    return all(job.done() for job in jobs)
+def siglip_threads(jobs, cores, share=SIGLIP_WIDENS_AT):
+    """fit's widen for SigLIP: every core from `share` of its steps on, once the jobs (T5's and
+    BERT's Futures) are done, waiting for them if need be. The thread count changes the sums, so
+    the step it changes at must not follow timing. A failed job raises its error at once."""
+    def widen(done):
+        for job in jobs:
+            if job.done() and job.exception() is not None:
+                raise job.exception()
+        if done < share:
+            return 0
+        for job in jobs:
+            job.result()
+        return cores
+    return widen
 
 
 def vocabulary_problem(path, data_dir):
@@ -548,14 +559,13 @@ def main(settings):
             print(f"{name}: {path} exists, skipping it (delete it to train it again)")
         else:
             todo[name] = path
-    # T5 then BERT in a second process while SigLIP, the longest, trains here, on torch's threads once they are
-    # done (its physical cores, or OMP_NUM_THREADS: set it to 1 on a busy machine). The switch's step
-    # depends on timing, and the sums differ from there: two runs of the same code read probe 0.879 and 0.861.
+    # T5 then BERT in a second process while SigLIP, the longest, trains here, then on torch's threads (its
+    # physical cores, or OMP_NUM_THREADS: set it to 1 on a busy machine), the same steps with or without `parallel`.
     cores = torch.get_num_threads()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
         text = {name: pool.submit(run, name, todo[name], data_dir, settings)
                 for name in ('t5', 'bert') if name in todo and parallel}
-        widen = lambda: cores if all_done(text.values()) else 0
+        widen = siglip_threads(list(text.values()), cores)
         seconds = {name: run(name, todo[name], data_dir, settings, widen) for name in todo if name not in text}
         seconds.update({name: job.result() for name, job in text.items()})
     if ceiling:

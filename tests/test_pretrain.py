@@ -336,33 +336,42 @@ def test_probe_features_are_the_global_token_beside_the_mean_patch_token(backbon
 def test_fit_takes_the_threads_widen_offers_once_it_offers_them():
     """SigLIP trains on one core while T5 and BERT train on the other, then on every core."""
     threads = torch.get_num_threads()
-    asked = []
+    asked, trained_on = [], []
 
-    def widen():  # the text backbones finish after the second step
-        asked.append(torch.get_num_threads())
-        return 2 if len(asked) >= 3 else 0
+    def widen(done):  # yes from 40% of the steps on
+        asked.append(done)
+        return 2 if done >= 0.4 else 0
+
+    def loss(x):
+        trained_on.append(torch.get_num_threads())
+        return model(x).square().mean()
 
     try:
         torch.set_num_threads(1)
         model = torch.nn.Linear(3, 1)
         batches = iter(lambda: torch.randn(4, 3), None)
-        pretrain.fit(model, lambda x: model(x).square().mean(), batches, steps=5, lr=1e-3, name='t', widen=widen)
-        assert asked == [1, 1, 1]              # asked until it said yes, never again
-        assert torch.get_num_threads() == 2
+        pretrain.fit(model, loss, batches, steps=5, lr=1e-3, name='t', widen=widen)
+        assert asked == [0.0, 0.2, 0.4]        # asked with the share done, until it said yes, never again
+        assert trained_on == [1, 1, 2, 2, 2]
     finally:
         torch.set_num_threads(threads)
 
 
-def test_siglip_widens_when_every_text_job_is_done_and_a_failed_one_raises_at_once():
+def test_siglip_widens_at_its_share_of_steps_whenever_the_text_jobs_end_and_a_failed_one_raises_at_once():
+    import threading
     from concurrent.futures import Future
-    t5, bert = Future(), Future()
-    assert pretrain.all_done([])                 # nothing in the second process: every core from the start
-    assert not pretrain.all_done([t5, bert])
-    t5.set_result((1.0, 1.0))
-    assert not pretrain.all_done([t5, bert])
-    bert.set_exception(ValueError('bert broke'))
+    assert pretrain.siglip_threads([], 4, share=0.3)(0.29) == 0   # nothing in the second process: still at 0.3
+    assert pretrain.siglip_threads([], 4, share=0.3)(0.3) == 4
+    early = Future()
+    early.set_result((1.0, 1.0))
+    assert pretrain.siglip_threads([early], 4, share=0.3)(0.1) == 0   # done early: still waits for its share
+    late = Future()
+    widen = pretrain.siglip_threads([early, late], 4, share=0.3)
+    assert widen(0.1) == 0
+    threading.Timer(0.2, late.set_result, ((1.0, 1.0),)).start()
+    assert widen(0.3) == 4                                         # waits for the late job, then widens
+    assert late.done()
+    broken = Future()
+    broken.set_exception(ValueError('bert broke'))
     with pytest.raises(ValueError, match='bert broke'):
-        pretrain.all_done([t5, bert])
-    done = Future()
-    done.set_result((1.0, 1.0))
-    assert pretrain.all_done([t5, done])
+        pretrain.siglip_threads([Future(), broken], 4, share=0.3)(0.0)
