@@ -330,12 +330,17 @@ class CheXQuery(nn.Module):
         self.set_phase(1)
 
     # --- phases ---------------------------------------------------------------
-    def trainable(self, name, phase, aux=True, full_backbones=False):
+    def trainable(self, name, phase, aux=True, full_backbones=False, gen=True):
         """Whether parameter `name` trains in `phase` (the methodology's tables). aux=False freezes
         the auxiliary head, which gets no gradient without the aux loss; phase 3 has none.
+        gen=False (the aux loss alone, no report loss) freezes what only the report's loss
+        reaches: SigLIP's pooling head (the global token), the anatomical queries, fusion,
+        projection and decoder.
         full_backbones=True trains every backbone weight wherever its LoRA would train: for
         random backbones (the phantom demo), which have nothing pretrained to keep."""
         adapted = 'lora_' in name or full_backbones
+        if not gen and name.startswith(('vision.head.', 'anatomical_queries', 'fusion.', 'proj.', 't5.')):
+            return False
         if name.startswith('vision.'):
             return adapted and phase == 2
         if name.startswith('t5.'):
@@ -344,12 +349,14 @@ class CheXQuery(nn.Module):
             return aux and phase != 3
         return True  # queries, cross-attention, fusion, projection
 
-    def set_phase(self, phase, aux=True, full_backbones=False):
+    def set_phase(self, phase, aux=True, full_backbones=False, gen=True):
         """Sets requires_grad for a training phase (1, 2 or 3); frozen modules go to eval."""
         if phase not in (1, 2, 3):
             raise ValueError(f"phase must be 1, 2 or 3, got {phase!r}")
+        if not (aux or gen):
+            raise ValueError("set_phase: with neither the aux loss nor the report's there is nothing to train")
         for name, p in self.named_parameters():
-            p.requires_grad_(self.trainable(name, phase, aux, full_backbones))
+            p.requires_grad_(self.trainable(name, phase, aux, full_backbones, gen))
         self.phase = phase
         self.train(self.training)
         return self
@@ -423,6 +430,8 @@ class CheXQuery(nn.Module):
             out['loss_aux'] = F.binary_cross_entropy_with_logits(out['cond_logits'].float(), cond_labels.float())
             if 'loss_gen' in out:
                 out['loss'] = lambda_gen * out['loss_gen'] + lambda_aux * out['loss_aux']
+            elif decoder_input_ids is None:  # no report to learn (train.py's lambda_gen=0): the aux loss alone
+                out['loss'] = lambda_aux * out['loss_aux']
         return out
 
     @torch.inference_mode()  # not just no_grad: no autograd bookkeeping at all, which is faster

@@ -209,7 +209,7 @@ if init_meta is not None:
         log(f"initializing from {init_from} (phase {init_meta.get('phase')}, iter {init_meta.get('iter_num')})")
 # Exactly the phase's parameters train; with no aux loss the aux head has no
 # gradient, so it freezes too (DDP runs with find_unused_parameters=False).
-model.set_phase(phase, aux=lambda_aux > 0, full_backbones=full_backbones)
+model.set_phase(phase, aux=lambda_aux > 0, full_backbones=full_backbones, gen=lambda_gen > 0)
 model.to(device)
 if device_type == 'cpu' and cpu_kernels:
     hardware.use_cpu_kernels(model)
@@ -243,8 +243,7 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=False)
 
 
-def get_lr(it):
-    """Linear warmup, then cosine decay to min_lr."""
+def get_lr(it):  # linear warmup, then cosine decay to min_lr
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
@@ -264,8 +263,8 @@ def evaluate():
     with autocast:
         result, chosen = validation.validate(raw_model, loader(val_set, seed), eval_iters, lambda_gen, lambda_aux,
                                              f"{data_dir}/val.jsonl", own_text)
-        for id_, ref, hyp in validation.sample_reports(raw_model, val_set, tok, sample_reports, max_len, context, target,
-                                                       diagnosis_prompt, chosen):
+        for id_, ref, hyp in validation.sample_reports(raw_model, val_set, tok, sample_reports * (lambda_gen > 0),
+                                                       max_len, context, target, diagnosis_prompt, chosen):
             log(f"  [{id_}] ref: {ref}\n  [{id_}] gen: {hyp}")
     raw_model.train()
     return result, chosen
@@ -298,6 +297,7 @@ ctrl_c = CtrlC()  # Ctrl-C: finish the iteration, save last.safetensors, stop
 raw_model.train()
 train_iter = batches(epoch, batch_in_epoch)
 bad_steps, stop, last_val, skipped, saved_last_at = 0, False, None, 0, -1
+nan = torch.tensor(float('nan'), device=device)  # a loss not computed: lambda_gen=0 runs no decoder
 t0, samples_seen, iters_since_log = time.time(), 0, 0
 while iter_num < max_iters and not stop:
     lr = get_lr(iter_num)
@@ -320,11 +320,11 @@ while iter_num < max_iters and not stop:
         sync = not ddp or micro_step == accum - 1
         with (nullcontext() if sync else model.no_sync()), autocast:
             features = feature_cache(b, raw_model.vision_features, device) if cache_features else None
-            out = model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
+            out = model(b['image'], b['decoder_input_ids'] if lambda_gen else None, b['labels'], b['cond_labels'],
                         label_smoothing=label_smoothing, lambda_gen=lambda_gen, lambda_aux=lambda_aux,
                         features=features, text_from_logits=own_text(b), token_weights=b['weights'])
         scaler.scale(out['loss'] / accum).backward()
-        losses += torch.stack([out['loss'], out['loss_gen'], out['loss_aux']]).detach().float() / accum
+        losses += torch.stack([out.get(k, nan) for k in ('loss', 'loss_gen', 'loss_aux')]).detach().float() / accum
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     # the all-reduced gradient norm is the same on every process, so all skip together

@@ -15,23 +15,26 @@ from metrics import auc_per_condition, best_thresholds, clinical_scores, decide
 @torch.no_grad()
 def validate(model, batches, max_batches, lambda_gen, lambda_aux, source, text_for=None):
     """(scores, thresholds): val_loss (lambda_gen * val_loss_gen + lambda_aux * val_loss_aux, as in
-    training), its two parts, val_auc_macro and val_f1_macro (at 0.5) of the aux head,
-    over the collated batches (None: every image unreadable), at most max_batches of them (0: all);
-    and each condition's F1-maximizing threshold on them (metrics.best_thresholds). text_for(batch):
-    None or forward's text_from_logits for it (diagnosis_prompt). The model is in eval mode on its
-    device; source names the split for the error when not one image could be read."""
+    training), its two parts (val_loss_gen NaN at lambda_gen 0, which runs no decoder), val_auc_macro
+    and val_f1_macro (at 0.5) of the aux head, over the collated batches (None: every image unreadable),
+    at most max_batches of them (0: all); and each condition's F1-maximizing threshold on them
+    (metrics.best_thresholds). text_for(batch): None or forward's text_from_logits for it
+    (diagnosis_prompt). The model is in eval mode on its device; source names the split for the
+    error when not one image could be read."""
     device = next(model.parameters()).device
     sums, n, probs, targets = torch.zeros(3, device=device), 0, [], []
+    nan = torch.tensor(float('nan'), device=device)  # val_loss_gen with lambda_gen 0: no decoder run
     for i, b in enumerate(batches):
         if b is None:
             continue
         if max_batches and i >= max_batches:
             break
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        out = model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'], lambda_gen=lambda_gen,
-                    lambda_aux=lambda_aux, token_weights=b['weights'], text_from_logits=text_for(b) if text_for else None)
+        out = model(b['image'], b['decoder_input_ids'] if lambda_gen else None, b['labels'], b['cond_labels'],
+                    lambda_gen=lambda_gen, lambda_aux=lambda_aux, token_weights=b['weights'],
+                    text_from_logits=text_for(b) if text_for else None)
         k = len(b['ids'])
-        sums += torch.stack([out['loss'], out['loss_gen'], out['loss_aux']]).float() * k
+        sums += torch.stack([out.get(key, nan) for key in ('loss', 'loss_gen', 'loss_aux')]).float() * k
         n += k
         probs.append(out['cond_logits'].float().sigmoid().cpu())
         targets.append(b['cond_labels'].cpu())

@@ -357,4 +357,29 @@ def test_forward_returns_the_weighted_training_loss_beside_its_parts():
     out = m(images, dec, labels, cond, lambda_gen=0.7, lambda_aux=0.3)
     torch.testing.assert_close(out['loss'], 0.7 * out['loss_gen'] + 0.3 * out['loss_aux'])
     assert out['loss'].requires_grad  # what train.py backpropagates
-    assert 'loss' not in m(images, dec, labels) and 'loss' not in m(images, cond_labels=cond)  # a part alone
+    assert 'loss' not in m(images, dec, labels)  # the report's loss alone is not the training loss
+    # no decoder input: the aux loss alone (train.py's lambda_gen=0)
+    alone = m(images, cond_labels=cond, lambda_gen=0.7, lambda_aux=0.3)
+    assert 'logits' not in alone and 'loss_gen' not in alone
+    torch.testing.assert_close(alone['loss'], 0.3 * alone['loss_aux'])
+
+
+@pytest.mark.parametrize('phase, full_backbones', [(1, False), (2, False), (2, True)])
+def test_the_aux_loss_alone_trains_what_it_reaches_and_runs_no_decoder(monkeypatch, phase, full_backbones):
+    m = tiny().set_phase(phase, full_backbones=full_backbones, gen=False).train()
+    # the global token (SigLIP's pooling head), anatomical queries, fusion, projection and decoder only feed the report
+    report_only = ('vision.head.', 'anatomical_queries', 'fusion.', 'proj.', 't5.')
+    for n, p in m.named_parameters():
+        assert p.requires_grad == (m.trainable(n, phase, full_backbones=full_backbones)
+                                   and not n.startswith(report_only)), n
+    if phase == 1:
+        assert {n.split('.')[0] for n, p in m.named_parameters() if p.requires_grad} == {
+            'condition_queries', 'cross_attention', 'aux_head'}
+    monkeypatch.setattr(m.t5, 'forward', lambda *a, **k: pytest.fail('the decoder ran'))
+    images, _, _, cond = batch()
+    m(images, cond_labels=cond)['loss'].backward()
+    # every trainable parameter gets a gradient, as DDP requires (LoRA's A gets 0 while B is 0)
+    assert all(p.grad is not None and (p.grad.abs().sum() > 0 or n.endswith('lora_A'))
+               for n, p in m.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match='nothing to train'):
+        m.set_phase(1, aux=False, gen=False)

@@ -81,6 +81,25 @@ def test_phases_chain_through_checkpoints_with_the_right_parameters_training(pha
     assert changed(c2, c3, 'condition_queries')[0] and changed(c2, c3, 'cross_attention.')[0]
 
 
+def test_phase1_on_the_aux_loss_alone_trains_the_queries_and_leaves_the_report_side_as_it_was(
+        phantom_dir, tmp_path, monkeypatch):
+    common = dict(phase=1, max_iters=3, full_backbones=False, learning_rate=1e-2, warmup_iters=0, eval_iters=1)
+    o1, o2 = str(tmp_path / 'with-report'), str(tmp_path / 'aux-alone')
+    train(phantom_dir, o1, sample_reports=0, **common)
+    decoded = []
+    monkeypatch.setattr(chexquery.CheXQuery, 'generate', lambda *a, **k: decoded.append(1))
+    train(phantom_dir, o2, init_from=f'{o1}/ckpt.safetensors', lambda_gen=0.0, sample_reports=2, **common)
+    (c1, _), (c2, _) = (read_checkpoint(f'{o}/ckpt.safetensors') for o in (o1, o2))
+    for prefix in ('condition_queries', 'cross_attention.', 'aux_head.'):
+        assert changed(c1, c2, prefix)[0], prefix
+    for prefix in ('anatomical_queries', 'fusion.', 't5.'):  # only what the aux loss reaches moves
+        assert not changed(c1, c2, prefix)[0], prefix
+    val = [m for m in read_metrics(o2) if 'val_loss' in m][-1]
+    assert val['val_loss_gen'] != val['val_loss_gen']  # NaN: not computed
+    assert abs(val['val_loss'] - 0.5 * val['val_loss_aux']) < 1e-6  # lambda_aux 0.5 times the aux loss, as in training
+    assert not decoded  # no reports sampled from a decoder this run did not train
+
+
 def test_dropout_reaches_the_checkpoint_and_the_next_phase_keeps_it(phantom_dir, tmp_path):
     common = dict(max_iters=1, full_backbones=False, sample_reports=0, eval_iters=1)
     o1, o2 = str(tmp_path / 'p1'), str(tmp_path / 'p2')
@@ -170,9 +189,13 @@ def test_accumulation_that_does_not_divide_by_the_processes_stops_before_the_ren
 
 # --- as people run it: separate processes ----------------------------------------------------
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_keep_the_parameters_identical(phantom_dir, tmp_path):
+@pytest.mark.parametrize('lambda_gen', [1.0, 0.0])
+def test_torchrun_two_gloo_processes_keep_the_parameters_identical(phantom_dir, tmp_path, lambda_gen):
+    """lambda_gen 0: the aux loss alone, which leaves the report's modules without a gradient; DDP
+    (find_unused_parameters=False) fails unless they are frozen."""
     out = str(tmp_path / 'ddp')
-    args = tiny_train_args(phantom_dir, out, max_iters=3, gradient_accumulation_steps=2, sample_reports=0)
+    args = tiny_train_args(phantom_dir, out, max_iters=3, gradient_accumulation_steps=2, sample_reports=0,
+                           lambda_gen=lambda_gen)
     run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args)
     assert len(train_losses(out)) == 3
     assert [m['replica_max_difference'] for m in read_metrics(out) if 'replica_max_difference' in m] == [0]
