@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ablations (the README's table; the one of 2026-12-01 is in docs/history.md), 3 seeds each, on a
-# short schedule (phases of 1, 3 and 1 epochs instead of 2, 4 and 1: 465 steps instead of 651), each
-# run one call of mini.sh into out-abl/NAME-SEED; then eval.py --seeds combines them:
+# short schedule (phases 2 and 3 of 3 and 1 epochs instead of 4 and 1: 372 steps instead of 465; phase 1,
+# on the aux loss alone, as configured), each run one call of mini.sh into out-abl/NAME-SEED; then eval.py
+# --seeds combines them:
 #
 #   bash docs/ablations.sh               # every run, two at a time, one thread each
 #   bash docs/ablations.sh full gate     # only these
@@ -32,7 +33,7 @@ python pretrain.py > /dev/null
 run() {  # name seed
   local name=$1 seed=$2 args=${RUNS[$1]} out=out-abl/$1-$2
   [ -f "$out/phase3/metrics_test.json" ] && return 0
-  local p1='--epochs=1' p2='--epochs=3' p3='--epochs=1'
+  local p1='' p2='--epochs=3' p3='--epochs=1'
   case $args in
     P1=skip) p1=skip; args='' ;;
     CONTEXT) # the curriculum: phase 1 image only, then the indication in half the samples
