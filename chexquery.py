@@ -15,7 +15,7 @@ D is SigLIP's width (768 for base). The T5 encoder is never run: the 11 visual
 tokens take the place of its output, so it is deleted.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ class CheXQueryConfig:
     n_anatomical_queries: int = 6
     n_cross_layers: int = 2
     n_heads: int = 8
-    ffn_dim: int = 3072
+    ffn_dim: int = None           # None: 4 x the vision width, as the recipe's 3072 on SigLIP-base's 768
     dropout: float = 0.1
     # 'dmis-lab/biobert-v1.1' (any BERT-family name or directory), 'random',
     # or a .safetensors file holding a (14, D) 'condition_queries' tensor
@@ -302,9 +302,11 @@ class CheXQuery(nn.Module):
 
     def __init__(self, cfg: CheXQueryConfig):
         super().__init__()
-        self.cfg = cfg
         self.vision = build_vision_encoder(cfg)
         D = self.vision.config.hidden_size
+        if cfg.ffn_dim is None:  # resolved in the config, so that checkpoints rebuild the same model
+            cfg = replace(cfg, ffn_dim=4 * D)
+        self.cfg = cfg
         A = cfg.n_anatomical_queries
         if cfg.query_init == 'random':
             cond = nn.init.xavier_uniform_(torch.empty(len(CONDITIONS), D))

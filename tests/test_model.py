@@ -35,6 +35,17 @@ def test_shapes_of_every_stage():
     torch.testing.assert_close(out['loss_aux'], -(cond * prob.log() + (1 - cond) * (1 - prob).log()).mean())
 
 
+def test_the_cross_attention_ffn_is_four_times_the_vision_width_unless_set(tmp_path):
+    m = tiny(ffn_dim=None)
+    width = m.vision.config.hidden_size
+    assert m.cfg.ffn_dim == 4 * width and m.cross_attention[0].ffn[0].out_features == 4 * width
+    assert tiny(ffn_dim=96).cross_attention[1].ffn[0].out_features == 96
+    save_checkpoint(tmp_path / 'm.safetensors', m, {})  # the number is saved, not None
+    reloaded, meta = load_checkpoint(tmp_path / 'm.safetensors')
+    assert meta['model_config']['ffn_dim'] == 4 * width
+    assert reloaded.cross_attention[0].ffn[0].out_features == 4 * width
+
+
 def test_attention_path_equals_sdpa_path():
     m = tiny().eval()
     images = batch()[0]
