@@ -412,7 +412,10 @@ class CheXQuery(nn.Module):
         and cond_labels the training loss: 'loss' = lambda_gen * 'loss_gen' + lambda_aux * 'loss_aux'.
         token_weights (B, T): each label's weight in loss_gen (None: the plain mean).
         text_from_logits: a function of the condition logits (B, 14) that returns the decoder's
-        (input ids, labels, token weights) instead, for a prompt that states what the aux head decided."""
+        (input ids, labels, token weights) instead, for a prompt that states what the aux head decided.
+        lambda_gen=0: no report to learn, so the decoder does not run and 'loss' is the aux loss alone."""
+        if lambda_gen == 0:
+            decoder_input_ids = text_from_logits = None
         out = self.encode(images, features, return_attention)
         if text_from_logits is not None:
             decoder_input_ids, labels, token_weights = (None if t is None else t.to(out['cond_logits'].device)
@@ -432,7 +435,7 @@ class CheXQuery(nn.Module):
             out['loss_aux'] = F.binary_cross_entropy_with_logits(out['cond_logits'].float(), cond_labels.float())
             if 'loss_gen' in out:
                 out['loss'] = lambda_gen * out['loss_gen'] + lambda_aux * out['loss_aux']
-            elif decoder_input_ids is None:  # no report to learn (train.py's lambda_gen=0): the aux loss alone
+            elif decoder_input_ids is None:  # no decoder run (lambda_gen=0, or no report given): the aux loss alone
                 out['loss'] = lambda_aux * out['loss_aux']
         return out
 

@@ -320,7 +320,7 @@ while iter_num < max_iters and not stop:
         sync = not ddp or micro_step == accum - 1
         with (nullcontext() if sync else model.no_sync()), autocast:
             features = feature_cache(b, raw_model.vision_features, device) if cache_features else None
-            out = model(b['image'], b['decoder_input_ids'] if lambda_gen else None, b['labels'], b['cond_labels'],
+            out = model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'],
                         label_smoothing=label_smoothing, lambda_gen=lambda_gen, lambda_aux=lambda_aux,
                         features=features, text_from_logits=own_text(b), token_weights=b['weights'])
         scaler.scale(out['loss'] / accum).backward()

@@ -30,9 +30,8 @@ def validate(model, batches, max_batches, lambda_gen, lambda_aux, source, text_f
         if max_batches and i >= max_batches:
             break
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        out = model(b['image'], b['decoder_input_ids'] if lambda_gen else None, b['labels'], b['cond_labels'],
-                    lambda_gen=lambda_gen, lambda_aux=lambda_aux, token_weights=b['weights'],
-                    text_from_logits=text_for(b) if text_for else None)
+        out = model(b['image'], b['decoder_input_ids'], b['labels'], b['cond_labels'], lambda_gen=lambda_gen,
+                    lambda_aux=lambda_aux, token_weights=b['weights'], text_from_logits=text_for(b) if text_for else None)
         k = len(b['ids'])
         sums += torch.stack([out.get(key, nan) for key in ('loss', 'loss_gen', 'loss_aux')]).float() * k
         n += k
