@@ -13,7 +13,7 @@ declare -A RUNS=(
   [full]=''
   [random-queries]='--query_init=random'
   [gate]='--learned_gate=False'
-  [no-aux]='--lambda_aux=0'
+  [no-aux]='NOAUX'
   [no-anatomical]='--n_anatomical_queries=0'
   [no-phase1]='P1=skip'
   [context]='CONTEXT'
@@ -36,6 +36,8 @@ run() {  # name seed
   local p1='' p2='--epochs=3' p3='--epochs=1'
   case $args in
     P1=skip) p1=skip; args='' ;;
+    NOAUX) # no aux loss anywhere: phase 1 aligns on the report's loss instead, 2 epochs as it did before
+      p1='--lambda_gen=1 --epochs=2'; args='--lambda_aux=0' ;;
     CONTEXT) # the curriculum: phase 1 image only, then the indication in half the samples
       p2="$p2 --context=True --context_dropout=0.5"; p3="$p3 --context=True --context_dropout=0.5"; args='' ;;
   esac
