@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablations (the README's table; the one of 2026-12-01 is in docs/history.md), 3 seeds each, on a
+# The ablations (the README's table; earlier ones are in docs/history.md), 3 seeds each, on a
 # short schedule (phases 2 and 3 of 3 and 1 epochs instead of 4 and 1: 372 steps instead of 465; phase 1,
 # on the aux loss alone, as configured), each run one call of mini.sh into out-abl/NAME-SEED; then eval.py
 # --seeds combines them:
