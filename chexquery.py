@@ -89,15 +89,27 @@ class CheXQueryConfig:
 
 
 def _from_pretrained(cls, name, what, config_key, **overrides):
-    """Loads a Hugging Face model (overrides: its config's settings), turning an offline failure into advice."""
+    """Loads a Hugging Face model (overrides: its config's settings), turning an offline failure into advice.
+    Transformers' load report lists every unused weight (a whole SigLIP's text tower, which the vision
+    encoder never reads); it is replaced by a warning only for weights the model lacks."""
+    import warnings
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
     try:
-        return cls.from_pretrained(name, **overrides)
+        model, info = cls.from_pretrained(name, output_loading_info=True, **overrides)
     except (OSError, ValueError) as e:
         raise OSError(
             f"Could not load the {what} '{name}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
             f"If you are offline or the hub is unreachable, download it where you have network "
             f"(e.g. `hf download {name} --local-dir DIR`) and pass {config_key}=DIR, or give "
             f"{config_key.replace('_model', '_config')} to build it with random weights.") from None
+    finally:
+        logging.set_verbosity(verbosity)
+    if missing := sorted(info['missing_keys']):
+        warnings.warn(f"the {what} '{name}' lacks {len(missing)} weights, left at random init: "
+                      f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -223,6 +223,23 @@ def test_pretrained_backbones_from_local_dirs_keep_lm_head_untied(tmp_path):
     assert 'condition_queries' in keys
 
 
+def test_vision_encoder_from_a_whole_siglip_is_silent_and_a_short_directory_warns(tmp_path):
+    import warnings
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+    from chexquery import _from_pretrained
+    vision = dict(TINY_VISION, image_size=S)
+    SiglipModel(SiglipConfig(vision_config=vision, text_config=dict(hidden_size=32, intermediate_size=64,
+                                                                    num_hidden_layers=1, num_attention_heads=2,
+                                                                    vocab_size=V))).save_pretrained(tmp_path / 's')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the text tower's weights are left over, as expected: no warning
+        _from_pretrained(SiglipVisionModel, str(tmp_path / 's'), 'vision encoder', 'vision_model')
+    deeper = vision['num_hidden_layers'] + 1  # a layer the directory does not hold
+    with pytest.warns(UserWarning, match=f'encoder.layers.{deeper - 1}.'):
+        _from_pretrained(SiglipVisionModel, str(tmp_path / 's'), 'vision encoder', 'vision_model',
+                         num_hidden_layers=deeper)
+
+
 def test_dropout_zero_turns_off_every_dropout_and_none_keeps_the_models(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
     from lora import lora_layers
