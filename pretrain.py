@@ -52,6 +52,7 @@ siglip_batch_size = 32        # images seen is what counts: batch 64 for half th
 multi_positive = False        # identical reports as each other's matches, not negatives (rare in the phantom set)
 siglip_lr = 1e-3
 augment = True                # SigLIP's images through data.augment, as CheXQuery's training sees them
+sincos_positions = True       # SigLIP's patch positions start as MAE's 2D sine-cosine, not random: the tiny ViT learns faster
 t5_epochs = 6
 t5_lr = 2e-3
 bert_epochs = 4
@@ -149,15 +150,29 @@ def siglip_config(vocab_size, text_len, width, text_width, layers, heads, image_
                                          bos_token_id=None))
 
 
-def new_siglip(config):
+def new_siglip(config, sincos=False):
     """A SiglipModel starting from the paper's temperature and bias (t = 10, b = -10), which
-    Hugging Face's init leaves at 1 and 0."""
+    Hugging Face's init leaves at 1 and 0; sincos: its vision tower's position embeddings (still
+    learned) start as sincos_2d's, where the patches' neighbours are known from the first step."""
     from transformers import SiglipModel
     model = SiglipModel(config)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(10))
         model.logit_bias.fill_(-10.0)
+        if sincos:
+            positions = model.vision_model.embeddings.position_embedding.weight  # (P, D), P = grid x grid
+            positions.copy_(sincos_2d(positions.shape[1], math.isqrt(positions.shape[0])))
     return model.eval()
+
+
+def sincos_2d(dim, grid):
+    """(grid * grid, dim) 2D sine-cosine position embedding, MAE's: for the patch in row y, column x
+    (row-major, as the patches are flattened), sin and cos of x, then of y, at dim / 4 frequencies
+    from 1 down to 1/10,000."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing='ij')
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float) / (dim // 4))    # (dim / 4,)
+    angles = [position.flatten()[:, None] * omega for position in (x, y)]              # 2 x (P, dim / 4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)         # (P, dim)
 
 
 def siglip_texts(tok, reports, text_len):
@@ -487,7 +502,7 @@ def run(name, path, data_dir, settings, widen=None):
         tok = data.load_tokenizer(data_dir)
         text_len = max(len(w) for w in tok(train_reports)['input_ids']) + 2  # </s> and the pooled <pad>
         model = new_siglip(siglip_config(len(tok), text_len, c['width'], c['text_width'], c['layers'], c['heads'],
-                                         c['image_size'], c['patch_size']))
+                                         c['image_size'], c['patch_size']), c['sincos_positions'])
         check_unseen(data_dir)
         train, val = (image_text_split(data_dir, split, tok, text_len) for split in ('train', 'val'))
         pretrain_siglip(model, train, val, tok, path, c['siglip_epochs'], c['siglip_batch_size'], c['siglip_lr'],

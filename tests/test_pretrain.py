@@ -25,7 +25,8 @@ def backbones(phantom_dir, tmp_path_factory):
     run = dict(epochs=1, batch_size=16, lr=1e-3, seed=0)
     tok = data.load_tokenizer(phantom_dir)
     splits = [pretrain.image_text_split(phantom_dir, s, tok, text_len=40) for s in ('train', 'val')]
-    siglip = pretrain.new_siglip(pretrain.siglip_config(len(tok), 40, WIDTH, 16, layers=1, heads=2, image_size=S))
+    siglip = pretrain.new_siglip(pretrain.siglip_config(len(tok), 40, WIDTH, 16, layers=1, heads=2, image_size=S),
+                                 sincos=True)
     pretrain.pretrain_siglip(siglip, *splits, tok, str(out / 'siglip'), augment=True, probe_steps=20, **run)
     t5_tok = pretrain.t5_tokenizer(phantom_dir)
     t5 = pretrain.t5_model(len(t5_tok), WIDTH, layers=1, heads=2)
@@ -36,6 +37,23 @@ def backbones(phantom_dir, tmp_path_factory):
     pretrain.pretrain_bert(bert, bert_tok, train_reports, val_reports, str(out / 'bert'), **run)
     torch.set_num_threads(threads)
     return {name: (str(out / name), model) for name, model in (('siglip', siglip), ('t5', t5), ('bert', bert))}
+
+
+def test_sincos_positions_start_a_new_tower_knowing_each_patchs_neighbours():
+    grid = 8
+    positions = pretrain.sincos_2d(WIDTH, grid)                          # (64, WIDTH), row-major patches
+    similarity = positions @ positions.T
+    patch = 3 * grid + 3                                                 # row 3, column 3
+    others = similarity[patch].clone()
+    others[patch] = -float('inf')
+    assert set(others.topk(4).indices.tolist()) == {patch - 1, patch + 1, patch - grid, patch + grid}
+    assert similarity[patch, patch + 1] > similarity[patch, patch + 2] > similarity[patch, patch + 4]
+    config = pretrain.siglip_config(100, 40, WIDTH, 16, layers=1, heads=2, image_size=grid * 16)
+    torch.manual_seed(0)
+    tower = pretrain.new_siglip(config, sincos=True).vision_model.embeddings.position_embedding.weight
+    assert torch.equal(tower, positions) and tower.requires_grad         # a start, still learned
+    torch.manual_seed(0)
+    assert not torch.equal(pretrain.new_siglip(config).vision_model.embeddings.position_embedding.weight, positions)
 
 
 def test_directories_load_back_with_equal_outputs(backbones):
