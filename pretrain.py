@@ -47,7 +47,7 @@ width = 128                   # SigLIP's vision width = T5's d_model = BERT's wi
 text_width = 64               # SigLIP's text tower, which only teaches the vision tower: narrow is cheaper
 layers = 2                    # transformer layers per tower (T5: per stack)
 heads = 4
-siglip_epochs = 46            # 4,278 steps: the tiny ViT learns slowly, more steps buy probe AUC (docs/history.md)
+siglip_epochs = 37            # 3,441 steps: the tiny ViT learns slowly, more steps buy probe AUC (docs/history.md)
 siglip_batch_size = 32        # images seen is what counts: batch 64 for half the steps reads the same
 multi_positive = False        # identical reports as each other's matches, not negatives (rare in the phantom set)
 siglip_lr = 1e-3
