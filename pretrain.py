@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -122,17 +123,27 @@ def pad(seqs, value):
     return ids, mask
 
 
+@contextmanager
+def transformers_quiet():
+    """Transformers' warnings off inside: writing or reading a SigLIP directory's config, it warns
+    that its own default text config (CLIP's token ids) does not fit the default vocabulary."""
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def save(model, tok, path, extra=None):
     """model and tokenizer (and extra: {file name: JSON}) into path, written beside it and
     renamed into place: a killed run never leaves a directory that the next run would take as done."""
     import json
     import shutil
-    from transformers.utils import logging
     shutil.rmtree(path + '.tmp', ignore_errors=True)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # saving SigLIP, transformers warns that its own default text config is invalid
-    model.save_pretrained(path + '.tmp')
-    logging.set_verbosity(verbosity)
+    with transformers_quiet():
+        model.save_pretrained(path + '.tmp')
     tok.save_pretrained(path + '.tmp')
     for name, content in (extra or {}).items():
         with open(os.path.join(path + '.tmp', name), 'w') as file:
@@ -550,7 +561,8 @@ def vocabulary_problem(path, data_dir):
     phantom set numbered its words differently); None when it fits or holds no tokenizer."""
     if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
         return None
-    saved, words = data.load_tokenizer(path).get_vocab(), data.load_tokenizer(data_dir).get_vocab()
+    with transformers_quiet():
+        saved, words = data.load_tokenizer(path).get_vocab(), data.load_tokenizer(data_dir).get_vocab()
     differ = sorted(w for w, i in words.items() if saved.get(w) != i)
     if differ:
         return (f"{path} was made from another phantom vocabulary than {data_dir}'s ({len(differ)} of {len(words)} "
