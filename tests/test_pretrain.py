@@ -393,3 +393,14 @@ def test_siglip_widens_at_its_share_of_steps_whenever_the_text_jobs_end_and_a_fa
     broken.set_exception(ValueError('bert broke'))
     with pytest.raises(ValueError, match='bert broke'):
         pretrain.siglip_threads([Future(), broken], 4, share=0.3)(0.0)
+
+
+@pytest.mark.slow
+def test_pretrain_py_starts_siglip_at_sincos_positions(phantom_dir, tmp_path):
+    """sincos_positions (on by default) reaches the tower pretrain.py builds: no steps, so it is saved as it starts."""
+    from transformers import SiglipModel
+    run_script('pretrain.py', f'--data_dir={phantom_dir}', f'--out_dir={tmp_path}', '--image_size=64', '--width=32',
+               '--text_width=16', '--layers=1', '--heads=2', '--siglip_epochs=0', '--t5_epochs=0', '--bert_epochs=0',
+               '--probe_steps=2')
+    saved = SiglipModel.from_pretrained(tmp_path / 'siglip').vision_model.embeddings.position_embedding.weight
+    torch.testing.assert_close(saved, pretrain.sincos_2d(32, 64 // 16))
