@@ -15,6 +15,7 @@ D is SigLIP's width (768 for base). The T5 encoder is never run: the 11 visual
 tokens take the place of its output, so it is deleted.
 """
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -91,11 +92,14 @@ class CheXQueryConfig:
 def _from_pretrained(cls, name, what, config_key, **overrides):
     """Loads a Hugging Face model (overrides: its config's settings), turning an offline failure into advice.
     Transformers' load report lists every unused weight (a whole SigLIP's text tower, which the vision
-    encoder never reads); it is replaced by a warning only for weights the model lacks."""
+    encoder never reads); it is replaced by a warning only for weights the model lacks. A local
+    directory loads without a progress bar; a hub download keeps its own."""
     import warnings
     from transformers.utils import logging
-    verbosity = logging.get_verbosity()
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    if os.path.isdir(name):
+        logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(name, output_loading_info=True, **overrides)
     except (OSError, ValueError) as e:
@@ -106,6 +110,8 @@ def _from_pretrained(cls, name, what, config_key, **overrides):
             f"{config_key.replace('_model', '_config')} to build it with random weights.") from None
     finally:
         logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
     if missing := sorted(info['missing_keys']):
         warnings.warn(f"the {what} '{name}' lacks {len(missing)} weights, left at random init: "
                       f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")

@@ -223,7 +223,7 @@ def test_pretrained_backbones_from_local_dirs_keep_lm_head_untied(tmp_path):
     assert 'condition_queries' in keys
 
 
-def test_vision_encoder_from_a_whole_siglip_is_silent_and_a_short_directory_warns(tmp_path):
+def test_vision_encoder_from_a_whole_siglip_is_silent_and_a_short_directory_warns(tmp_path, capfd):
     import warnings
     from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
     from chexquery import _from_pretrained
@@ -231,9 +231,11 @@ def test_vision_encoder_from_a_whole_siglip_is_silent_and_a_short_directory_warn
     SiglipModel(SiglipConfig(vision_config=vision, text_config=dict(hidden_size=32, intermediate_size=64,
                                                                     num_hidden_layers=1, num_attention_heads=2,
                                                                     vocab_size=V))).save_pretrained(tmp_path / 's')
+    capfd.readouterr()  # what writing the directory printed
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # the text tower's weights are left over, as expected: no warning
         _from_pretrained(SiglipVisionModel, str(tmp_path / 's'), 'vision encoder', 'vision_model')
+    assert capfd.readouterr().err == ''  # nor a progress bar for a local directory
     deeper = vision['num_hidden_layers'] + 1  # a layer the directory does not hold
     with pytest.warns(UserWarning, match=f'encoder.layers.{deeper - 1}.'):
         _from_pretrained(SiglipVisionModel, str(tmp_path / 's'), 'vision encoder', 'vision_model',
