@@ -23,10 +23,12 @@ declare -A RUNS=(
   [no-finding-weight]='--finding_weight=1'
   [diagnosis]='--diagnosis_prompt=True --own_diagnosis=0'
   [no-dropout]='--dropout=0'
+  [phase3-x3]='PHASE3X3'
+  [diagnosis-phase3-x3]='PHASE3X3 --diagnosis_prompt=True --own_diagnosis=0'
 )
 # the rows about the parts first, in order, a row's seeds together
 ORDER=(full no-aux random-queries gate no-anatomical no-phase1 no-finding-weight diagnosis context
-       prior-soft prior-strict findings no-dropout)
+       prior-soft prior-strict findings no-dropout phase3-x3 diagnosis-phase3-x3)
 names=("${@:-${ORDER[@]}}")
 python pretrain.py > /dev/null
 
@@ -40,6 +42,8 @@ run() {  # name seed
       p1='--lambda_gen=1 --epochs=2'; args='--lambda_aux=0' ;;
     CONTEXT) # the curriculum: phase 1 image only, then the indication in half the samples
       p2="$p2 --context=True --context_dropout=0.5"; p3="$p3 --context=True --context_dropout=0.5"; args='' ;;
+    PHASE3X3*) # phase 3 of 3 epochs, not 1: more steps for the decoder to read the diagnosis slot
+      p3='--epochs=3'; args=${args#PHASE3X3} ;;
   esac
   mkdir -p "$out"
   # shellcheck disable=SC2086
